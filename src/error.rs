@@ -1,0 +1,82 @@
+//! One error type for the whole crate. Every variant carries enough context (file, offset,
+//! what was being done) to be shown to a user as is, and maps to an errno for FUSE replies.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error while doing `what` on `path`.
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The image is malformed: QEMU would refuse it too.
+    #[error("{}: corrupt image: {msg}", path.display())]
+    Corrupt { path: PathBuf, msg: String },
+    /// A valid image that uses something streamfs does not implement.
+    #[error("{}: unsupported: {msg}", path.display())]
+    Unsupported { path: PathBuf, msg: String },
+    /// Bad usage: arguments, names, mount points.
+    #[error("{0}")]
+    Invalid(String),
+    /// The operation is not allowed in this state (read-only, job active, ...).
+    #[error("{msg}")]
+    State { msg: String, errno: i32 },
+}
+
+impl Error {
+    pub fn io(path: &Path, what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub fn corrupt(path: &Path, msg: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn unsupported(path: &Path, msg: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn state(errno: i32, msg: impl Into<String>) -> Self {
+        Error::State {
+            msg: msg.into(),
+            errno,
+        }
+    }
+
+    /// The errno a FUSE reply should carry for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) => libc::ENOSPC,
+                Some(libc::EDQUOT) => libc::EDQUOT,
+                Some(libc::EROFS) => libc::EROFS,
+                _ => libc::EIO,
+            },
+            Error::Corrupt { .. } | Error::Unsupported { .. } => libc::EIO,
+            Error::Invalid(_) => libc::EINVAL,
+            Error::State { errno, .. } => *errno,
+        }
+    }
+
+    /// True when the error means the leaf's file system is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.errno(), libc::ENOSPC | libc::EDQUOT)
+    }
+}

@@ -1,0 +1,1 @@
+//! Image formats (qcow2, raw): header parsing, cluster mapping, allocation.

@@ -1,0 +1,12 @@
+//! streamfs: presents qcow2 backing chains as flat raw files over FUSE and streams
+//! (copies) backing data into the leaf image, like QEMU's block-stream.
+//!
+//! Layers, imported one way only (lower never imports higher):
+//! `format` (qcow2/raw images) <- `chain` (backing chains, copy-on-read, writes)
+//! <- `jobs` (stream workers) <- `control` (command parsing, status) <- `fs` (fuser)
+//! <- `daemon`/`cli` (process life cycle, command line).
+
+pub mod error;
+pub mod format;
+
+pub use error::{Error, Result};
