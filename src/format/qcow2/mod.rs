@@ -1,0 +1,757 @@
+//! qcow2 images: lookup of guest offsets through L1/L2 tables (with a bounded LRU cache of
+//! L2 tables), reading data and compressed clusters, and (for a writable leaf) cluster
+//! allocation, refcounting and the ordered flush that keeps the file consistent on disk.
+//!
+//! Concurrency: one short mutex (`meta`) guards the in-memory metadata; it is never held
+//! across data I/O. L2 tables are shared `Arc`s with their own RwLock so lookups read
+//! entries without the metadata lock. Callers (the chain layer) serialize changes to a
+//! guest cluster with cluster locks; this module serializes the metadata itself.
+//!
+//! Allocation only ever bumps the end of the file: a cluster whose refcount dropped to
+//! zero is never reused while we run, so a reader holding an old mapping can never see
+//! another cluster's data and a freed cluster is never rewritten before its freeing is
+//! durable.
+
+pub mod compress;
+pub mod header;
+pub mod l2;
+pub mod refcount;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+
+use self::header::{Compression, Header, HeaderError};
+use self::l2::{decode_l1, ClusterState, Geometry, SubState, COPIED};
+use self::refcount::{RefIo, RefSnapshot, Refcounts};
+use super::io::{fdatasync, file_len, pread_exact, pread_zero_tail, pwrite_all};
+use super::Mapping;
+use crate::{Error, Result};
+
+/// Bytes of L2 tables kept in the cache (per image), and of decompressed clusters.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+const DECOMPRESSED_CACHE_BYTES: u64 = 16 << 20;
+/// Host offsets must fit in bits 9..=55 of an L2 entry.
+const MAX_HOST_OFFSET: u64 = 1 << 56;
+
+pub struct L2Table {
+    words: RwLock<Vec<u64>>,
+    /// Changed since it was last written (only meaningful while pinned).
+    dirty: AtomicBool,
+}
+
+impl L2Table {
+    fn from_bytes(b: &[u8]) -> Self {
+        let words = b
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        L2Table {
+            words: RwLock::new(words),
+            dirty: AtomicBool::new(false),
+        }
+    }
+    fn to_bytes(&self) -> Vec<u8> {
+        self.words.read().iter().flat_map(|w| w.to_be_bytes()).collect()
+    }
+}
+
+/// The new state of a guest cluster, installed by `set_clusters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewCluster {
+    /// All data at `host`; `fresh` = newly allocated by `allocate` (gets its refcount now).
+    Data { host: u64, fresh: bool },
+    /// Reads as zeros (v3 only); an existing preallocated host cluster is kept.
+    Zero,
+}
+
+struct Meta {
+    l1: Vec<u64>,
+    l1_dirty: BTreeSet<usize>,
+    l2_cache: LruCache<u64, Arc<L2Table>>,
+    /// Dirty L2 tables (and ones being written): never evicted, always found first.
+    pinned: HashMap<u64, Arc<L2Table>>,
+    refs: Option<Refcounts>,
+    next_free: u64,
+    /// Host clusters losing a reference; applied once the L2 change is durable.
+    pending_decref: Vec<u64>,
+}
+
+impl Meta {
+    fn lookup(&mut self, off: u64) -> Option<Arc<L2Table>> {
+        if let Some(t) = self.pinned.get(&off) {
+            return Some(t.clone());
+        }
+        self.l2_cache.get(&off).cloned()
+    }
+}
+
+/// Everything one flush writes, captured under the metadata lock.
+struct Snapshot {
+    refs: RefSnapshot,
+    table_moved: bool,
+    header: Option<Vec<u8>>,
+    l2: Vec<(u64, Vec<u8>, Arc<L2Table>)>,
+    l1: Vec<(u64, Vec<u8>)>,
+    l1_indexes: Vec<usize>,
+    decref: Vec<u64>,
+    freed_after_header: Vec<(u64, u64)>,
+}
+
+pub struct Qcow2 {
+    path: PathBuf,
+    file: File,
+    geo: Geometry,
+    size: u64,
+    compression: Compression,
+    writable: bool,
+    header: Mutex<Header>,
+    meta: Mutex<Meta>,
+    flush_lock: Mutex<()>,
+    decompressed: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+}
+
+/// The refcount module's view of the file: block loads and end-of-file allocation.
+struct FileRefIo<'a> {
+    file: &'a File,
+    path: &'a Path,
+    cluster_size: u64,
+    next_free: &'a mut u64,
+}
+
+impl RefIo for FileRefIo<'_> {
+    fn load_block(&mut self, offset: u64) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; self.cluster_size as usize];
+        pread_exact(self.file, self.path, &mut b, offset, "refcount block")?;
+        Ok(b)
+    }
+    fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let off = bump(self.next_free, n, self.cluster_size)?;
+        // Metadata clusters get their space now, so a full disk fails here, before
+        // anything points at them, and never in the middle of a flush.
+        let zeros = vec![0u8; (n * self.cluster_size) as usize];
+        pwrite_all(self.file, self.path, &zeros, off, "new metadata cluster")?;
+        Ok(off)
+    }
+    fn corrupt(&self, msg: String) -> Error {
+        Error::corrupt(self.path, msg)
+    }
+}
+
+fn bump(next_free: &mut u64, n: u64, cluster_size: u64) -> Result<u64> {
+    let off = *next_free;
+    let end = off
+        .checked_add(n * cluster_size)
+        .filter(|&e| e <= MAX_HOST_OFFSET)
+        .ok_or_else(|| Error::state(libc::ENOSPC, "qcow2 image reached its maximum host size"))?;
+    *next_free = end;
+    Ok(off)
+}
+
+fn header_err(path: &Path, e: HeaderError) -> Error {
+    match e {
+        HeaderError::Corrupt(m) => Error::corrupt(path, m),
+        HeaderError::Unsupported(m) => Error::unsupported(path, m),
+    }
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image. `writable` opens the file read-write and validates that we can
+    /// keep it consistent; a read-only open accepts images QEMU opens read-only.
+    pub fn open(path: &Path, writable: bool) -> Result<Qcow2> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(path, "open", e))?;
+        let len = file_len(&file, path)?;
+        let mut probe = vec![0u8; (Header::PROBE_LEN as u64).min(len) as usize];
+        pread_exact(&file, path, &mut probe, 0, "header")?;
+        let cluster_bits = Header::probe_cluster_bits(&probe).map_err(|e| header_err(path, e))?;
+        let mut first = vec![0u8; (1u64 << cluster_bits).min(len) as usize];
+        pread_exact(&file, path, &mut first, 0, "header cluster")?;
+        let mut header = Header::parse(&first, len).map_err(|e| header_err(path, e))?;
+
+        if writable {
+            if header.is_corrupt() {
+                return Err(Error::unsupported(
+                    path,
+                    "image is marked corrupt; QEMU opens such images only read-only (use --read-only), or repair it with qemu-img check -r all",
+                ));
+            }
+            if header.is_dirty() {
+                return Err(Error::unsupported(
+                    path,
+                    "image has the dirty bit set (lazy refcounts); repair it with qemu-img check -r all first",
+                ));
+            }
+            if header.nb_snapshots > 0 {
+                return Err(Error::unsupported(
+                    path,
+                    "writing to an image with internal snapshots (use --read-only, or qemu-img snapshot -d)",
+                ));
+            }
+        }
+        let geo = Geometry {
+            cluster_bits,
+            extended: header.extended_l2(),
+            zero_flag: header.version >= 3,
+        };
+        let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
+        pread_exact(&file, path, &mut l1_bytes, header.l1_table_offset, "L1 table")?;
+        let l1 = l1_bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+
+        let cs = geo.cluster_size();
+        let l2_cap = (L2_CACHE_BYTES / cs).max(16) as usize;
+        let dc_cap = (DECOMPRESSED_CACHE_BYTES / cs).max(4) as usize;
+        let img = Qcow2 {
+            path: path.to_path_buf(),
+            size: header.size,
+            compression: header.compression,
+            writable,
+            geo,
+            meta: Mutex::new(Meta {
+                l1,
+                l1_dirty: BTreeSet::new(),
+                l2_cache: LruCache::new(NonZeroUsize::new(l2_cap).expect("nonzero")),
+                pinned: HashMap::new(),
+                refs: None,
+                next_free: len.div_ceil(cs) * cs,
+                pending_decref: Vec::new(),
+            }),
+            header: Mutex::new(header.clone()),
+            flush_lock: Mutex::new(()),
+            decompressed: Mutex::new(LruCache::new(NonZeroUsize::new(dc_cap).expect("nonzero"))),
+            file,
+        };
+        if writable && header.autoclear_features != 0 {
+            // We do not maintain what autoclear features describe (e.g. bitmaps): clearing
+            // the bits tells every reader those extensions are stale (qcow2.rst).
+            header.autoclear_features = 0;
+            *img.header.lock() = header;
+            img.write_header()?;
+        }
+        Ok(img)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    pub fn version(&self) -> u32 {
+        self.header.lock().version
+    }
+    /// (backing file name as stored, backing format if given).
+    pub fn backing(&self) -> Option<(String, Option<String>)> {
+        let h = self.header.lock();
+        h.backing_file.clone().map(|f| (f, h.backing_format.clone()))
+    }
+
+    fn corrupt(&self, msg: impl Into<String>) -> Error {
+        Error::corrupt(&self.path, msg)
+    }
+
+    fn l2_offset(&self, l1_index: u64) -> Result<u64> {
+        let entry = self.meta.lock().l1.get(l1_index as usize).copied().unwrap_or(0);
+        decode_l1(entry, self.geo.cluster_size()).map_err(|m| self.corrupt(m))
+    }
+
+    /// The L2 table at `off`, from the cache or the file. The disk read happens without
+    /// the metadata lock; if another thread inserted the table meanwhile, theirs wins
+    /// (it may already hold changes).
+    fn l2_table(&self, off: u64) -> Result<Arc<L2Table>> {
+        if let Some(t) = self.meta.lock().lookup(off) {
+            return Ok(t);
+        }
+        let mut buf = vec![0u8; self.geo.cluster_size() as usize];
+        pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
+        let table = Arc::new(L2Table::from_bytes(&buf));
+        let mut m = self.meta.lock();
+        if let Some(t) = m.lookup(off) {
+            return Ok(t);
+        }
+        m.l2_cache.put(off, table.clone());
+        Ok(table)
+    }
+
+    fn decode(&self, words: &[u64], idx: usize) -> Result<ClusterState> {
+        let w = self.geo.words();
+        let (word, bitmap) = (words[idx * w], if w == 2 { words[idx * w + 1] } else { 0 });
+        self.geo.decode(word, bitmap).map_err(|m| self.corrupt(m))
+    }
+
+    /// The state of guest cluster `ci`.
+    pub fn cluster_state(&self, ci: u64) -> Result<ClusterState> {
+        let l2e = self.geo.l2_entries();
+        let l2off = self.l2_offset(ci / l2e)?;
+        if l2off == 0 {
+            return Ok(ClusterState::Unallocated);
+        }
+        let t = self.l2_table(l2off)?;
+        let words = t.words.read();
+        self.decode(&words, (ci % l2e) as usize)
+    }
+
+    /// Maps guest range [off, off+len) (inside the disk): returns how the first part is
+    /// stored and how many bytes share that mapping (contiguous on the host for data).
+    pub fn map(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        let cb = self.geo.cluster_bits;
+        let cs = self.geo.cluster_size();
+        let l2e = self.geo.l2_entries();
+        let ci = off >> cb;
+        let l1_end = (ci / l2e + 1) * l2e * cs;
+        let end = off + len.min(l1_end - off);
+        let l2off = self.l2_offset(ci / l2e)?;
+        if l2off == 0 {
+            return Ok((Mapping::Unallocated, end - off));
+        }
+        let table = self.l2_table(l2off)?;
+        let words = table.words.read();
+        let sub = self.geo.subcluster_size();
+        let mut first: Option<Mapping> = None;
+        let mut pos = off;
+        while pos < end {
+            let state = self.decode(&words, ((pos >> cb) % l2e) as usize)?;
+            let cluster_start = pos & !(cs - 1);
+            let in_cluster = pos - cluster_start;
+            if let ClusterState::Compressed { host, len } = state {
+                if first.is_some() {
+                    break;
+                }
+                let m = Mapping::Compressed { host, len, cluster_start };
+                return Ok((m, end.min(cluster_start + cs) - off));
+            }
+            let si = in_cluster / sub;
+            let m = match state.sub(si as u32) {
+                SubState::Unallocated => Mapping::Unallocated,
+                SubState::Zero => Mapping::Zero,
+                SubState::Data => Mapping::Data {
+                    host: state.host() + in_cluster,
+                },
+            };
+            match first {
+                None => first = Some(m),
+                Some(f) if !f.continues_with(&m, pos - off) => break,
+                Some(_) => {}
+            }
+            pos = end.min(cluster_start + (si + 1) * sub);
+        }
+        Ok((first.unwrap_or(Mapping::Unallocated), pos - off))
+    }
+
+    /// Reads data for a mapping returned by `map` (not Unallocated) into `buf`, where `off`
+    /// is the guest offset of `buf[0]`.
+    pub fn read_mapped(&self, m: Mapping, off: u64, buf: &mut [u8]) -> Result<()> {
+        match m {
+            Mapping::Zero | Mapping::Unallocated => buf.fill(0),
+            Mapping::Data { host } => pread_zero_tail(&self.file, &self.path, buf, host)?,
+            Mapping::Compressed { host, len, cluster_start } => {
+                let data = self.decompressed_cluster(host, len)?;
+                let at = (off - cluster_start) as usize;
+                buf.copy_from_slice(&data[at..at + buf.len()]);
+            }
+        }
+        Ok(())
+    }
+
+    fn decompressed_cluster(&self, host: u64, len: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(d) = self.decompressed.lock().get(&host) {
+            return Ok(d.clone());
+        }
+        let mut input = vec![0u8; len as usize];
+        pread_zero_tail(&self.file, &self.path, &mut input, host)?;
+        let mut out = vec![0u8; self.geo.cluster_size() as usize];
+        compress::decompress(self.compression, &input, &mut out)
+            .map_err(|m| self.corrupt(format!("compressed cluster at host offset {host:#x}: {m}")))?;
+        let out = Arc::new(out);
+        self.decompressed.lock().put(host, out.clone());
+        Ok(out)
+    }
+
+    // ---- writing (leaf only) ----
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::state(libc::EROFS, format!("{} is open read-only", self.path.display())))
+        }
+    }
+
+    /// Loads the refcount table on first use and finds the end of the used area.
+    fn ensure_refs(&self, m: &mut Meta) -> Result<()> {
+        if m.refs.is_some() {
+            return Ok(());
+        }
+        let h = self.header.lock().clone();
+        let cs = self.geo.cluster_size();
+        let mut bytes = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
+        pread_exact(&self.file, &self.path, &mut bytes, h.refcount_table_offset, "refcount table")?;
+        let table = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let mut refs = Refcounts::new(
+            h.refcount_order,
+            cs,
+            table,
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64,
+        );
+        let mut io = FileRefIo {
+            file: &self.file,
+            path: &self.path,
+            cluster_size: cs,
+            next_free: &mut m.next_free,
+        };
+        if let Some(last) = refs.last_used_cluster(&mut io)? {
+            *io.next_free = (*io.next_free).max((last + 1) * cs);
+        }
+        m.refs = Some(refs);
+        Ok(())
+    }
+
+    /// Reserves `n` contiguous fresh clusters at the end of the file for guest data.
+    /// Their refcounts are set by `set_clusters` once the data is written, so a failed
+    /// data write leaves nothing but unreferenced space.
+    pub fn allocate(&self, n: u64) -> Result<u64> {
+        self.check_writable()?;
+        let mut m = self.meta.lock();
+        self.ensure_refs(&mut m)?;
+        bump(&mut m.next_free, n, self.geo.cluster_size())
+    }
+
+    pub fn pwrite(&self, host: u64, buf: &[u8]) -> Result<()> {
+        pwrite_all(&self.file, &self.path, buf, host, "guest data")
+    }
+
+    pub fn pread(&self, host: u64, buf: &mut [u8]) -> Result<()> {
+        pread_zero_tail(&self.file, &self.path, buf, host)
+    }
+
+    /// Installs new states for guest clusters `first..first+states.len()`. The caller
+    /// holds the cluster locks and has already written (not synced) any data. New
+    /// refcounts and L2 tables are taken first, so a full disk fails before any entry
+    /// changes; old compressed or replaced clusters are released after the next flush.
+    pub fn set_clusters(&self, first: u64, states: &[NewCluster]) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        let l2e = self.geo.l2_entries();
+        let mut guard = self.meta.lock();
+        let m = &mut *guard;
+        self.ensure_refs(m)?;
+
+        // Pass 1: everything that can fail (allocation, refcounts, loading tables).
+        let mut tables = Vec::new();
+        for (i, st) in states.iter().enumerate() {
+            let ci = first + i as u64;
+            if i == 0 || ci % l2e == 0 {
+                tables.push(self.l2_for_update(m, ci / l2e)?);
+            }
+            if let NewCluster::Data { host, fresh: true } = *st {
+                let refs = m.refs.as_mut().expect("loaded");
+                let mut io = FileRefIo {
+                    file: &self.file,
+                    path: &self.path,
+                    cluster_size: cs,
+                    next_free: &mut m.next_free,
+                };
+                refs.adjust(host / cs, 1, &mut io)?;
+            }
+        }
+        // Pass 2: entries (memory only).
+        let w = self.geo.words();
+        let mut t = 0;
+        let mut words = tables[0].words.write();
+        for (i, st) in states.iter().enumerate() {
+            let ci = first + i as u64;
+            if i > 0 && ci % l2e == 0 {
+                drop(words);
+                t += 1;
+                words = tables[t].words.write();
+            }
+            let idx = (ci % l2e) as usize * w;
+            let old = self
+                .geo
+                .decode(words[idx], if w == 2 { words[idx + 1] } else { 0 })
+                .map_err(|msg| self.corrupt(msg))?;
+            let (word, bitmap) = match *st {
+                NewCluster::Data { host, .. } => {
+                    if old.host() != host {
+                        self.release(m, old);
+                    }
+                    self.geo.encode_data(host)
+                }
+                NewCluster::Zero => match old {
+                    ClusterState::Compressed { .. } => {
+                        self.release(m, old);
+                        self.geo.encode_zero(0)
+                    }
+                    ClusterState::Unallocated => self.geo.encode_zero(0),
+                    _ => self.geo.encode_zero(old.host()),
+                },
+            };
+            words[idx] = word;
+            if w == 2 {
+                words[idx + 1] = bitmap;
+            }
+        }
+        drop(words);
+        for table in tables {
+            table.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Queues the references an old cluster state held for release after the next flush.
+    fn release(&self, m: &mut Meta, old: ClusterState) {
+        match old {
+            ClusterState::Compressed { host, len } => {
+                m.pending_decref.extend(self.geo.compressed_clusters(host, len).map(|h| h / self.geo.cluster_size()))
+            }
+            ClusterState::Unallocated => {}
+            s if s.host() != 0 => m.pending_decref.push(s.host() / self.geo.cluster_size()),
+            _ => {}
+        }
+    }
+
+    /// The L2 table for L1 index `l1i`, pinned for modification; allocates a new table
+    /// if there is none. Must be called with the metadata lock held (`m`).
+    fn l2_for_update(&self, m: &mut Meta, l1i: u64) -> Result<Arc<L2Table>> {
+        let cs = self.geo.cluster_size();
+        let entry = *m
+            .l1
+            .get(l1i as usize)
+            .ok_or_else(|| self.corrupt(format!("L1 index {l1i} beyond the L1 table")))?;
+        let off = decode_l1(entry, cs).map_err(|msg| self.corrupt(msg))?;
+        if off != 0 && entry & COPIED == 0 {
+            return Err(Error::unsupported(&self.path, "shared L2 table (refcount > 1)"));
+        }
+        let table = if off == 0 {
+            let refs = m.refs.as_mut().expect("loaded");
+            let mut io = FileRefIo {
+                file: &self.file,
+                path: &self.path,
+                cluster_size: cs,
+                next_free: &mut m.next_free,
+            };
+            let new_off = io.alloc_clusters(1)?;
+            refs.adjust(new_off / cs, 1, &mut io)?;
+            m.l1[l1i as usize] = new_off | COPIED;
+            m.l1_dirty.insert(l1i as usize);
+            let t = Arc::new(L2Table::from_bytes(&vec![0u8; cs as usize]));
+            m.pinned.insert(new_off, t.clone());
+            return Ok(t);
+        } else if let Some(t) = m.lookup(off) {
+            t
+        } else {
+            // Rare: evicted between the caller's lookup and now.
+            let mut buf = vec![0u8; cs as usize];
+            pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
+            Arc::new(L2Table::from_bytes(&buf))
+        };
+        m.pinned.entry(off).or_insert_with(|| table.clone());
+        m.l2_cache.put(off, table.clone());
+        Ok(table)
+    }
+
+    /// True when metadata changes are waiting for a flush.
+    pub fn has_dirty_metadata(&self) -> bool {
+        let m = self.meta.lock();
+        !m.l1_dirty.is_empty()
+            || !m.pending_decref.is_empty()
+            || m.pinned.values().any(|t| t.dirty.load(Ordering::Acquire))
+            || m.refs.as_ref().is_some_and(|r| r.is_dirty())
+    }
+
+    /// Makes every write acknowledged so far durable, in the order that keeps the image
+    /// consistent after a crash at any point:
+    ///   1. data + refcount blocks (+ a moved refcount table), then fdatasync:
+    ///      a refcount is durable before anything points at its cluster;
+    ///   2. the header, if the refcount table moved, then fdatasync;
+    ///   3. L2 tables, then fdatasync: data is durable before the entry pointing at it;
+    ///   4. L1 entries, then fdatasync: an L2 table is durable before the L1 entry.
+    ///
+    /// References dropped by this flush's L2 changes are released in memory afterwards
+    /// and reach the disk with the next flush (a crash in between only leaks clusters).
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _serial = self.flush_lock.lock();
+        let snap = self.take_snapshot()?;
+        let result = self.write_snapshot(&snap);
+        let mut guard = self.meta.lock();
+        let m = &mut *guard;
+        match result {
+            Err(e) => {
+                if let Some(r) = m.refs.as_mut() {
+                    r.restore(&snap.refs);
+                    r.table_moved |= snap.table_moved;
+                    r.freed_after_header.extend(&snap.freed_after_header);
+                }
+                for (_, _, t) in &snap.l2 {
+                    t.dirty.store(true, Ordering::Release);
+                }
+                m.l1_dirty.extend(&snap.l1_indexes);
+                m.pending_decref.extend(&snap.decref);
+                Err(e)
+            }
+            Ok(()) => {
+                for (off, _, t) in &snap.l2 {
+                    if !t.dirty.load(Ordering::Acquire) {
+                        m.pinned.remove(off);
+                        m.l2_cache.put(*off, t.clone());
+                    }
+                }
+                let cs = self.geo.cluster_size();
+                let mut released: Vec<u64> = snap.decref.clone();
+                for &(off, n) in &snap.freed_after_header {
+                    released.extend((0..n).map(|i| off / cs + i));
+                }
+                if let Some(refs) = m.refs.as_mut() {
+                    let mut io = FileRefIo {
+                        file: &self.file,
+                        path: &self.path,
+                        cluster_size: cs,
+                        next_free: &mut m.next_free,
+                    };
+                    for c in released {
+                        if let Err(e) = refs.adjust(c, -1, &mut io) {
+                            log::warn!("{}: releasing cluster {c}: {e} (the cluster leaks)", self.path.display());
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Flushes until nothing is dirty (releases made by one flush need a second one).
+    pub fn flush_all(&self) -> Result<()> {
+        for _ in 0..4 {
+            self.flush()?;
+            if !self.has_dirty_metadata() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_snapshot(&self) -> Result<Snapshot> {
+        let mut guard = self.meta.lock();
+        let m = &mut *guard;
+        let (refs, table_moved, freed_after_header, header) = match m.refs.as_mut() {
+            Some(r) => {
+                // snapshot() writes the whole table when it moved; then the header must
+                // be switched to it before any L2 entry relies on its blocks.
+                let s = r.snapshot();
+                let moved = std::mem::take(&mut r.table_moved);
+                let mut header = None;
+                let mut freed = Vec::new();
+                if moved {
+                    let mut h = self.header.lock();
+                    h.refcount_table_offset = r.table_offset;
+                    h.refcount_table_clusters = r.table_clusters as u32;
+                    header = Some(h.encode().map_err(|e| header_err(&self.path, e))?);
+                    freed = std::mem::take(&mut r.freed_after_header);
+                }
+                (s, moved, freed, header)
+            }
+            None => (RefSnapshot::default(), false, Vec::new(), None),
+        };
+        let mut l2 = Vec::new();
+        for (&off, t) in &m.pinned {
+            if t.dirty.swap(false, Ordering::AcqRel) {
+                l2.push((off, t.to_bytes(), t.clone()));
+            }
+        }
+        let l1_indexes: Vec<usize> = std::mem::take(&mut m.l1_dirty).into_iter().collect();
+        let h = self.header.lock();
+        let l1 = l1_indexes
+            .iter()
+            .map(|&i| (h.l1_table_offset + i as u64 * 8, m.l1[i].to_be_bytes().to_vec()))
+            .collect();
+        drop(h);
+        Ok(Snapshot {
+            refs,
+            table_moved,
+            header,
+            l2,
+            l1,
+            l1_indexes,
+            decref: std::mem::take(&mut m.pending_decref),
+            freed_after_header,
+        })
+    }
+
+    fn write_snapshot(&self, s: &Snapshot) -> Result<()> {
+        let (f, p) = (&self.file, self.path.as_path());
+        for (off, b) in s.refs.blocks.iter().chain(&s.refs.table) {
+            pwrite_all(f, p, b, *off, "refcount metadata")?;
+        }
+        fdatasync(f, p)?;
+        if let Some(h) = &s.header {
+            pwrite_all(f, p, h, 0, "header")?;
+            fdatasync(f, p)?;
+        }
+        if !s.l2.is_empty() {
+            for (off, b, _) in &s.l2 {
+                pwrite_all(f, p, b, *off, "L2 table")?;
+            }
+            fdatasync(f, p)?;
+        }
+        if !s.l1.is_empty() {
+            for (off, b) in &s.l1 {
+                pwrite_all(f, p, b, *off, "L1 entry")?;
+            }
+            fdatasync(f, p)?;
+        }
+        Ok(())
+    }
+
+    fn write_header(&self) -> Result<()> {
+        let bytes = self.header.lock().encode().map_err(|e| header_err(&self.path, e))?;
+        pwrite_all(&self.file, &self.path, &bytes, 0, "header")?;
+        fdatasync(&self.file, &self.path)
+    }
+
+    /// Durably rewrites the backing link (None removes it). Everything written before is
+    /// flushed first, so the new link never points at data that is not yet in the image.
+    pub fn set_backing(&self, file: Option<String>, format: Option<String>) -> Result<()> {
+        self.check_writable()?;
+        self.flush_all()?;
+        let _serial = self.flush_lock.lock();
+        let old = {
+            let mut h = self.header.lock();
+            let old = h.clone();
+            h.set_backing(file, format);
+            old
+        };
+        if let Err(e) = self.write_header() {
+            *self.header.lock() = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
