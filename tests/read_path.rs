@@ -1,0 +1,1139 @@
+//! Read-path integration tests: mount real FUSE file systems over qcow2 chains made by
+//! qemu-img and compare what the mount shows with what qemu-img says the chain contains.
+
+mod common;
+
+use common::*;
+use std::fs::{self, File};
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Chains
+// ---------------------------------------------------------------------------------------------
+
+/// A backing chain built for a test.
+struct Chain {
+    /// The leaf, which is what gets mounted.
+    top: PathBuf,
+    /// The other images of the chain (never written by streamfs).
+    backing: Vec<PathBuf>,
+    /// A cluster size to aim random reads at.
+    cluster: u64,
+}
+
+/// Test data for a base image of `size` bytes: per `cluster`, alternately a compressible
+/// pattern (changing every 512 bytes), incompressible random bytes and zeros.
+fn mixed_data(size: u64, cluster: u64, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size as usize];
+    let random = random_bytes(seed, size as usize);
+    for (k, chunk) in data.chunks_mut(cluster as usize).enumerate() {
+        match k % 3 {
+            0 => {
+                for (j, b) in chunk.iter_mut().enumerate() {
+                    *b = (k * 31 + j / 512) as u8 | 1;
+                }
+            }
+            1 => chunk.copy_from_slice(&random[k * cluster as usize..][..chunk.len()]),
+            _ => {}
+        }
+    }
+    data
+}
+
+/// raw base <- qcow2 top.
+fn raw_base(s: &Scratch) -> Chain {
+    let base = create_raw(&s.join("base.raw"), 4 * MIB);
+    qemu_io_cmds(
+        &base,
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 1536k 512k",
+            "write -P 0x33 3146728 5000",
+        ],
+    );
+    let top = Qcow2::new().backing(&base).create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0xa1 512k 128k",
+            "write -P 0xa2 1044480 8k",
+            "write -z 2M 64k",
+            "discard 3M 64k",
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base],
+        cluster: 64 * KIB,
+    }
+}
+
+/// qcow2 base <- mid <- top (64 KiB clusters, relative backing names) with overlapping
+/// writes, zero clusters in mid hiding base data, and discards.
+fn three_layers(s: &Scratch) -> Chain {
+    let base = Qcow2::new().size(8 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 8M"]);
+    let mid = Qcow2::new()
+        .backing_name("base.qcow2", "qcow2")
+        .create(&s.join("mid.qcow2"));
+    qemu_io_cmds(
+        &mid,
+        &[
+            "write -P 0x02 1M 2M",
+            "write -z 4M 1M",
+            "write -z 5246976 4k",
+            "discard 6M 1M",
+        ],
+    );
+    let top = Qcow2::new()
+        .backing_name("mid.qcow2", "qcow2")
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0x03 1536k 1M",
+            "write -P 0x04 4227072 64k",
+            "write -z 7M 128k",
+            "discard 2M 256k",
+            "write -P 0x05 8388096 512",
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base, mid],
+        cluster: 64 * KIB,
+    }
+}
+
+/// Compressed base (`qemu-img convert -c`) <- mid <- top, all with cluster size `c` and
+/// compression type `ctype`; mid and top have writes across cluster boundaries, zero
+/// clusters, a compressed cluster and a discard.
+fn compressed_chain(s: &Scratch, c: u64, size: u64, ctype: &str) -> Chain {
+    let src = create_raw_from(&s.join("src.bin"), &mixed_data(size, c, c ^ size));
+    let opts = Qcow2::new().cluster_size(c).compression_type(ctype);
+    let base = opts.convert_from(&src, &s.join("base.qcow2"), true);
+    fs::remove_file(&src).unwrap();
+    let mid = opts
+        .clone()
+        .backing_name("base.qcow2", "qcow2")
+        .create(&s.join("mid.qcow2"));
+    qemu_io_cmds(
+        &mid,
+        &[
+            &format!("write -P 0x61 {} {}", c / 2, c),
+            &format!("write -z {} {}", 3 * c, c),
+            &format!("write -P 0x62 {} 512", size - c / 2 - 512),
+        ],
+    );
+    let top = opts
+        .clone()
+        .backing_name("mid.qcow2", "qcow2")
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            &format!("write -P 0x71 {} {}", c + c / 4 / 512 * 512, 2 * c),
+            &format!("write -c -P 0x72 {} {}", 4 * c, c),
+            &format!("discard {} {}", 5 * c, c),
+            &format!("write -z {} 512", 6 * c + 512.min(c / 2)),
+            &format!("write -c -P 0x73 {} {}", size - c, c),
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base, mid],
+        cluster: c,
+    }
+}
+
+/// extended_l2=on (mid: 32 KiB clusters, top: 64 KiB) over a plain base, with
+/// subcluster-sized and unaligned writes, zero subclusters and whole zero clusters.
+fn extended_l2(s: &Scratch) -> Chain {
+    let base = Qcow2::new().size(4 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 4M"]);
+    let mid = Qcow2::new()
+        .extended_l2(true)
+        .cluster_size(32 * KIB)
+        .backing(&base)
+        .create(&s.join("mid.qcow2"));
+    qemu_io_cmds(
+        &mid,
+        &[
+            "write -P 0x02 1k 1k",
+            "write -P 0x03 33k 3000",
+            "write -z 66k 4k",
+            "write -z 128k 32k",
+            "discard 192k 32k",
+            "write -P 0x07 1M 100k",
+        ],
+    );
+    let top = Qcow2::new()
+        .extended_l2(true)
+        .backing(&mid)
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0x04 2k 2k",
+            "write -P 0x05 70k 3k",
+            "write -z 132k 2k",
+            "write -z 256k 64k",
+            "write -c -P 0x06 512k 64k",
+            "write -z 1M 2k",
+            "write -P 0x08 1050k 2k",
+            "discard 2M 64k",
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base, mid],
+        cluster: 2 * KIB,
+    }
+}
+
+/// compat=0.10 (qcow2 v2) chain with mixed cluster sizes; on v2, `write -z` writes zero
+/// data and `discard` makes clusters unallocated (the backing shows through).
+fn compat_010(s: &Scratch) -> Chain {
+    let v2 = Qcow2::new().compat("0.10");
+    let base = v2
+        .clone()
+        .size(4 * MIB)
+        .cluster_size(4 * KIB)
+        .create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 3M"]);
+    let mid = v2
+        .clone()
+        .backing_name("base.qcow2", "qcow2")
+        .create(&s.join("mid.qcow2"));
+    qemu_io_cmds(
+        &mid,
+        &[
+            "write -P 0x02 512k 512k",
+            "write -z 1M 128k",
+            "write -P 0x09 2M 512k",
+            "discard 2M 256k",
+        ],
+    );
+    let top = v2
+        .clone()
+        .cluster_size(16 * KIB)
+        .backing_name("mid.qcow2", "qcow2")
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0x03 100k 50k",
+            "write -P 0x04 2112k 64k",
+            "discard 2112k 32k",
+            "write -c -P 0x05 3M 16k",
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base, mid],
+        cluster: 16 * KIB,
+    }
+}
+
+/// base, mid and top in three different directories; backing names relative to the
+/// referencing image's directory (`relative`) or absolute.
+fn other_dirs(s: &Scratch, relative: bool) -> Chain {
+    let base = Qcow2::new()
+        .size(4 * MIB)
+        .create(&s.subdir("a").join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 2M"]);
+    let mid_path = s.subdir("b").join("mid.qcow2");
+    let mid = if relative {
+        Qcow2::new().backing_name("../a/base.qcow2", "qcow2")
+    } else {
+        Qcow2::new().backing(&base)
+    }
+    .create(&mid_path);
+    qemu_io_cmds(&mid, &["write -P 0x02 1M 2M"]);
+    let top_path = s.subdir("c/deep").join("top.qcow2");
+    let top = if relative {
+        Qcow2::new().backing_name("../../b/mid.qcow2", "qcow2")
+    } else {
+        Qcow2::new().backing(&mid)
+    }
+    .create(&top_path);
+    qemu_io_cmds(&top, &["write -P 0x03 1536k 1M"]);
+    Chain {
+        top,
+        backing: vec![base, mid],
+        cluster: 64 * KIB,
+    }
+}
+
+/// Virtual sizes that are not multiples of the cluster size (base: 4 KiB clusters).
+fn odd_size(s: &Scratch) -> Chain {
+    let size = 5 * MIB + 3 * 512;
+    let base = Qcow2::new()
+        .size(size)
+        .cluster_size(4 * KIB)
+        .create(&s.join("base.qcow2"));
+    qemu_io_cmds(
+        &base,
+        &[
+            "write -P 0x01 0 4M",
+            &format!("write -P 0x09 {} 3072", size - 3072),
+        ],
+    );
+    let top = Qcow2::new().backing(&base).create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            &format!("write -P 0x0a {} 1024", size - 1024),
+            &format!("write -z {} 64k", 4 * MIB - 32 * KIB),
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base],
+        cluster: 64 * KIB,
+    }
+}
+
+/// Backing files smaller than the images above them (reads past a backing's end are
+/// zeros), with writes straddling the backing's end.
+fn smaller_backing(s: &Scratch) -> Chain {
+    let base_size = 1536 * KIB + 512;
+    let base = Qcow2::new().size(base_size).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &[&format!("write -P 0x01 0 {base_size}")]);
+    let mid = Qcow2::new()
+        .size(3 * MIB)
+        .backing(&base)
+        .create(&s.join("mid.qcow2"));
+    qemu_io_cmds(&mid, &["write -P 0x02 1M 1M"]);
+    let top = Qcow2::new()
+        .size(6 * MIB)
+        .backing(&mid)
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            &format!("write -P 0x03 {} 3072", base_size - 1536),
+            "write -P 0x04 3070k 4k",
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base, mid],
+        cluster: 64 * KIB,
+    }
+}
+
+/// A backing file larger than the top: only the top's virtual size is visible.
+fn larger_backing(s: &Scratch) -> Chain {
+    let base = Qcow2::new().size(8 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 8M"]);
+    let top = Qcow2::new()
+        .size(2 * MIB + 512)
+        .backing(&base)
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(&top, &["write -P 0x02 2M 512"]);
+    Chain {
+        top,
+        backing: vec![base],
+        cluster: 64 * KIB,
+    }
+}
+
+type Builder = fn(&Scratch) -> Chain;
+
+/// Every chain of the read matrix, by name.
+fn all_cases() -> Vec<(&'static str, Builder)> {
+    vec![
+        ("raw_base", raw_base),
+        ("three_layers", three_layers),
+        ("zlib_64k", |s| {
+            compressed_chain(s, 64 * KIB, 8 * MIB, "zlib")
+        }),
+        ("zstd_64k", |s| {
+            compressed_chain(s, 64 * KIB, 8 * MIB, "zstd")
+        }),
+        ("zlib_512", |s| compressed_chain(s, 512, 2 * MIB, "zlib")),
+        ("zstd_4k", |s| compressed_chain(s, 4 * KIB, 4 * MIB, "zstd")),
+        ("zlib_2m", |s| {
+            compressed_chain(s, 2 * MIB, 24 * MIB, "zlib")
+        }),
+        ("extended_l2", extended_l2),
+        ("compat_010", compat_010),
+        ("relative_dirs", |s| other_dirs(s, true)),
+        ("absolute_dirs", |s| other_dirs(s, false)),
+        ("odd_size", odd_size),
+        ("smaller_backing", smaller_backing),
+        ("larger_backing", larger_backing),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Read matrix
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    ReadOnly,
+    NoCopyOnRead,
+    CopyOnRead,
+}
+
+impl Mode {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::ReadOnly => &["--read-only"],
+            Mode::NoCopyOnRead => &["--no-copy-on-read"],
+            Mode::CopyOnRead => &[],
+        }
+    }
+}
+
+/// Checks the mounted `path` against `reference`: size, ~200 random preads (first, so that
+/// in copy-on-read mode they hit uncopied data), the whole file, and the whole file again
+/// with O_DIRECT 1 MiB reads.
+fn check_mounted_file(path: &Path, reference: &Arc<[u8]>, cluster: u64, seed: u64) {
+    let p = path.to_path_buf();
+    let meta = with_timeout("stat", IO_TIMEOUT, move || fs::metadata(&p))
+        .unwrap_or_else(|e| panic!("stat {path:?}: {e}"));
+    assert!(meta.is_file(), "{path:?} is not a regular file");
+    assert_eq!(meta.len(), reference.len() as u64, "size of {path:?}");
+    check_random_preads(path, reference.clone(), cluster, 200, seed);
+    assert_bytes_eq(&format!("read of {path:?}"), &read_file(path), reference);
+    assert_bytes_eq(
+        &format!("O_DIRECT read of {path:?}"),
+        &read_file_direct(path, MIB as usize),
+        reference,
+    );
+}
+
+/// The read matrix for one chain: read-only, no-copy-on-read and default (copy-on-read)
+/// mounts all show the reference; backing files are never modified; the leaf is untouched
+/// by the first two modes and still passes `qemu-img check` (with the same contents)
+/// after copy-on-read.
+fn read_matrix(build: Builder) {
+    let s = Scratch::new();
+    let chain = build(&s);
+    let reference: Arc<[u8]> = raw_reference(&chain.top).into();
+    assert_eq!(reference.len() as u64, virtual_size(&chain.top));
+    let seed = test_seed();
+    let name = default_name(&chain.top);
+    let backing_before: Vec<Vec<u8>> = chain.backing.iter().map(|p| fs::read(p).unwrap()).collect();
+    for mode in [Mode::ReadOnly, Mode::NoCopyOnRead, Mode::CopyOnRead] {
+        eprintln!("mode {mode:?}");
+        let top_before = fs::read(&chain.top).unwrap();
+        let m = s.mount(&[&chain.top], mode.args());
+        check_mounted_file(&m.file(&name), &reference, chain.cluster, seed);
+        m.umount();
+        if mode == Mode::CopyOnRead {
+            qemu_img_check(&chain.top);
+            assert_bytes_eq(
+                "leaf contents after copy-on-read",
+                &raw_reference(&chain.top),
+                &reference,
+            );
+        } else {
+            assert!(
+                fs::read(&chain.top).unwrap() == top_before,
+                "{mode:?} mount modified the leaf {:?}",
+                chain.top
+            );
+        }
+        for (p, before) in chain.backing.iter().zip(&backing_before) {
+            assert!(
+                fs::read(p).unwrap() == *before,
+                "{mode:?} mount modified backing file {p:?}"
+            );
+        }
+    }
+}
+
+macro_rules! read_matrix_tests {
+    ($($test:ident => $case:expr;)*) => {$(
+        #[test]
+        fn $test() {
+            require_fuse!();
+            read_matrix($case);
+        }
+    )*};
+}
+
+read_matrix_tests! {
+    read_raw_base_qcow2_top => raw_base;
+    read_three_layers_zero_and_discard => three_layers;
+    read_compressed_zlib_64k => |s| compressed_chain(s, 64 * KIB, 8 * MIB, "zlib");
+    read_compressed_zstd_64k => |s| compressed_chain(s, 64 * KIB, 8 * MIB, "zstd");
+    read_cluster_512 => |s| compressed_chain(s, 512, 2 * MIB, "zlib");
+    read_cluster_4k => |s| compressed_chain(s, 4 * KIB, 4 * MIB, "zstd");
+    read_cluster_2m => |s| compressed_chain(s, 2 * MIB, 24 * MIB, "zlib");
+    read_extended_l2_subclusters => extended_l2;
+    read_compat_010 => compat_010;
+    read_backing_other_dir_relative => |s| other_dirs(s, true);
+    read_backing_other_dir_absolute => |s| other_dirs(s, false);
+    read_size_not_cluster_multiple => odd_size;
+    read_backing_smaller_than_top => smaller_backing;
+    read_backing_larger_than_top => larger_backing;
+}
+
+/// Relative IMAGE and MOUNTPOINT arguments are resolved against the caller's cwd.
+#[test]
+fn read_with_relative_arguments() {
+    require_fuse!();
+    let s = Scratch::new();
+    let chain = other_dirs(&s, true);
+    let reference: Arc<[u8]> = raw_reference(&chain.top).into();
+    fs::create_dir(s.join("relmnt")).unwrap();
+    let m = MountCmd::new()
+        .cwd(s.path())
+        .at("relmnt")
+        .arg("--read-only")
+        .image("c/deep/top.qcow2")
+        .run()
+        .unwrap_or_else(|f| panic!("mount with relative paths: {f}"));
+    assert_eq!(m.path(), fs::canonicalize(s.path()).unwrap().join("relmnt"));
+    assert_bytes_eq("top.raw", &read_file(&m.file("top.raw")), &reference);
+    m.umount();
+}
+
+/// After reading everything with copy-on-read, all data of the chain lives in the leaf.
+#[test]
+fn copy_on_read_populates_leaf() {
+    require_fuse!();
+    let s = Scratch::new();
+    let chain = three_layers(&s);
+    let reference = raw_reference(&chain.top);
+    let m = s.mount(&[&chain.top], &[]);
+    assert_bytes_eq("top.raw", &read_file(&m.file("top.raw")), &reference);
+    m.umount();
+    qemu_img_check(&chain.top);
+    let from_backing: Vec<MapEntry> = qemu_img_map(&chain.top)
+        .into_iter()
+        .filter(|e| e.data && e.depth > 0)
+        .collect();
+    assert!(
+        from_backing.is_empty(),
+        "after a full copy-on-read pass these ranges are still read from backing files: {from_backing:?}"
+    );
+    assert_bytes_eq(
+        "leaf after copy-on-read",
+        &raw_reference(&chain.top),
+        &reference,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. SEEK_DATA / SEEK_HOLE
+// ---------------------------------------------------------------------------------------------
+
+/// What SEEK_DATA and SEEK_HOLE at `off` must return for a file of `size` bytes whose data
+/// extents are `extents` (None = ENXIO).
+fn expected_seek(extents: &[Range<u64>], size: u64, off: u64) -> (Option<u64>, Option<u64>) {
+    if off >= size {
+        return (None, None);
+    }
+    let data = extents
+        .iter()
+        .find(|r| r.end > off)
+        .map(|r| r.start.max(off));
+    let hole = match extents.iter().find(|r| r.contains(&off)) {
+        Some(r) => r.end,
+        None => off,
+    };
+    (data, Some(hole))
+}
+
+/// Data extents by SEEK_DATA/SEEK_HOLE of the mounted chain equal qemu-img map's
+/// `"data": true` ranges; plus 200 random-offset probes and the probes at and past EOF.
+fn check_seek(build: Builder, seed: u64) -> Result<(), String> {
+    let s = Scratch::new();
+    let chain = build(&s);
+    let size = virtual_size(&chain.top);
+    let want = map_data_extents(&chain.top);
+    let m = s.mount(&[&chain.top], &["--read-only"]);
+    let path = m.file(&default_name(&chain.top));
+    let want2 = want.clone();
+    let result = with_timeout("lseek probes", IO_TIMEOUT, move || -> Result<(), String> {
+        let f = File::open(&path).map_err(|e| format!("open: {e}"))?;
+        let got = data_extents_by_seek(&f, size).map_err(|e| format!("lseek: {e}"))?;
+        if got != want2 {
+            return Err(format!(
+                "SEEK_DATA/SEEK_HOLE extents {got:?}\n qemu-img map data extents {want2:?}"
+            ));
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut probes: Vec<u64> = (0..200).map(|_| rng.gen_range(0..size + 4096)).collect();
+        probes.extend([0, size - 1, size, size + 1, size + MIB]);
+        probes.extend(
+            want2
+                .iter()
+                .flat_map(|r| [r.start, r.end, r.end.saturating_sub(1)]),
+        );
+        for off in probes {
+            let got = (
+                seek_data(&f, off).map_err(|e| format!("SEEK_DATA({off}): {e}"))?,
+                seek_hole(&f, off).map_err(|e| format!("SEEK_HOLE({off}): {e}"))?,
+            );
+            let exp = expected_seek(&want2, size, off);
+            if got != exp {
+                return Err(format!(
+                    "at {off}: (SEEK_DATA, SEEK_HOLE) = {got:?}, expected {exp:?} (None = ENXIO)"
+                ));
+            }
+        }
+        Ok(())
+    });
+    m.umount();
+    result
+}
+
+#[test]
+fn seek_data_hole_matches_qemu_img_map() {
+    require_fuse!();
+    let seed = test_seed();
+    let mut failures = Vec::new();
+    for (name, build) in all_cases() {
+        eprintln!("case {name}");
+        if let Err(e) = check_seek(build, seed) {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "SEEK_DATA/SEEK_HOLE disagree with qemu-img map (seed {seed}):\n{}",
+        failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Concurrency
+// ---------------------------------------------------------------------------------------------
+
+fn concurrent_reads(args: &[&str]) {
+    let s = Scratch::new();
+    let chain = three_layers(&s);
+    let reference: Arc<[u8]> = raw_reference(&chain.top).into();
+    let seed = test_seed();
+    let m = s.mount(&[&chain.top], args);
+    let reads = check_concurrent_preads(
+        &m.file("top.raw"),
+        reference.clone(),
+        chain.cluster,
+        8,
+        Duration::from_secs(3),
+        seed,
+    );
+    eprintln!("{reads} concurrent reads");
+    assert!(reads >= 8, "only {reads} reads completed in 3 s");
+    assert_bytes_eq(
+        "top.raw after concurrent reads",
+        &read_file(&m.file("top.raw")),
+        &reference,
+    );
+    m.umount();
+    qemu_img_check(&chain.top);
+    assert_bytes_eq(
+        "leaf after concurrent reads",
+        &raw_reference(&chain.top),
+        &reference,
+    );
+}
+
+#[test]
+fn concurrent_reads_copy_on_read() {
+    require_fuse!();
+    concurrent_reads(&[]);
+}
+
+#[test]
+fn concurrent_reads_read_only() {
+    require_fuse!();
+    concurrent_reads(&["--read-only"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Failures
+// ---------------------------------------------------------------------------------------------
+
+/// A valid v3 image with some data, `dir/name`.
+fn valid_image(dir: &Path, name: &str) -> PathBuf {
+    let img = Qcow2::new().size(16 * MIB).create(&dir.join(name));
+    write_pattern(&img, 0x5a, 0, MIB);
+    img
+}
+
+/// A valid image `dir/name` with a backing file `dir/name.base`.
+fn valid_image_with_backing(dir: &Path, name: &str) -> PathBuf {
+    let base = valid_image(dir, &format!("{name}.base"));
+    Qcow2::new().backing(&base).create(&dir.join(name))
+}
+
+/// Header corruptions: (case name, needs a backing file, patch).
+fn header_mutations() -> Vec<(&'static str, bool, fn(&Path))> {
+    vec![
+        ("truncated_header", false, |p| {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(50)
+                .unwrap()
+        }),
+        ("truncated_v3_header", false, |p| {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(90)
+                .unwrap()
+        }),
+        ("bad_magic", false, |p| patch_bytes(p, 0, b"QFI\xfa")),
+        ("version_1", false, |p| patch_be32(p, 4, 1)),
+        ("version_4", false, |p| patch_be32(p, 4, 4)),
+        ("cluster_bits_8", false, |p| patch_be32(p, 20, 8)),
+        ("cluster_bits_40", false, |p| patch_be32(p, 20, 40)),
+        ("cluster_bits_255", false, |p| patch_be32(p, 20, 255)),
+        ("l1_table_beyond_eof", false, |p| patch_be64(p, 40, 1 << 40)),
+        ("l1_size_huge", false, |p| patch_be32(p, 36, 0xffff_ffff)),
+        ("l1_size_beyond_eof", false, |p| {
+            patch_be32(p, 36, 0x1000_0000)
+        }),
+        ("backing_name_huge", true, |p| {
+            patch_be32(p, 16, 0xffff_ffff)
+        }),
+        ("backing_name_64k", true, |p| patch_be32(p, 16, 0x1_0000)),
+        ("backing_offset_beyond_eof", true, |p| {
+            patch_be64(p, 8, 1 << 40)
+        }),
+        ("unknown_incompatible_bit", false, |p| {
+            let v = read_be64(p, 72);
+            patch_be64(p, 72, v | 1 << 20)
+        }),
+        ("legacy_aes_encryption", false, |p| patch_be32(p, 32, 1)),
+    ]
+}
+
+/// Runs `check` for each named case, collecting panics so one run reports all failures.
+fn all_must_pass(cases: Vec<(String, Box<dyn FnOnce()>)>) {
+    let mut failures = Vec::new();
+    for (name, check) in cases {
+        eprintln!("case {name}");
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(format!("{name}: {msg}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn mount_rejects_bad_headers() {
+    require_fuse!();
+    let s = Scratch::new();
+    let cases = header_mutations()
+        .into_iter()
+        .map(|(name, with_backing, patch)| {
+            let dir = s.subdir(name);
+            let file = format!("{name}.qcow2");
+            let img = if with_backing {
+                valid_image_with_backing(&dir, &file)
+            } else {
+                valid_image(&dir, &file)
+            };
+            patch(&img);
+            let mp = s.subdir(format!("{name}.mnt"));
+            let check: Box<dyn FnOnce()> = Box::new(move || {
+                assert_mount_fails(MountCmd::new().at(&mp).image(&img), &[&file]);
+                assert!(!is_mounted(&mp));
+            });
+            (name.to_string(), check)
+        })
+        .collect();
+    all_must_pass(cases);
+}
+
+#[test]
+fn mount_rejects_luks_encrypted_image() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = s.join("luks.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=abc",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        ps(&img),
+        "1M",
+    ]);
+    for args in [&[][..], &["--read-only"][..]] {
+        assert_mount_fails(s.mount_cmd().args(args).image(&img), &["luks.qcow2"]);
+    }
+}
+
+#[test]
+fn mount_rejects_backing_cycle() {
+    require_fuse!();
+    let s = Scratch::new();
+    let a = valid_image(s.path(), "a.qcow2");
+    let b = Qcow2::new().backing(&a).create(&s.join("b.qcow2"));
+    rebase_unsafe(&a, "b.qcow2", "qcow2");
+    let err = assert_mount_fails(s.mount_cmd().image(&b), &[]);
+    assert!(
+        err.contains("a.qcow2") || err.contains("b.qcow2"),
+        "cycle error names neither image: {err}"
+    );
+    // A self-reference is a cycle too.
+    let c = valid_image(s.path(), "self.qcow2");
+    rebase_unsafe(&c, "self.qcow2", "qcow2");
+    assert_mount_fails(s.mount_cmd().arg("--read-only").image(&c), &["self.qcow2"]);
+}
+
+#[test]
+fn mount_rejects_missing_backing_file() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = valid_image_with_backing(s.path(), "top.qcow2");
+    fs::remove_file(s.join("top.qcow2.base")).unwrap();
+    assert_mount_fails(s.mount_cmd().image(&top), &["top.qcow2.base"]);
+}
+
+#[test]
+fn mount_rejects_missing_image() {
+    require_fuse!();
+    let s = Scratch::new();
+    assert_mount_fails(
+        s.mount_cmd().image(s.join("nothere.qcow2")),
+        &["nothere.qcow2"],
+    );
+    // One good image does not make a bad one acceptable.
+    let good = valid_image(s.path(), "good.qcow2");
+    assert_mount_fails(
+        s.mount_cmd().image(&good).image(s.join("nothere.qcow2")),
+        &["nothere.qcow2"],
+    );
+}
+
+#[test]
+fn mount_rejects_bad_mountpoint() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image(s.path(), "img.qcow2");
+    assert_mount_fails(
+        MountCmd::new().at(s.join("missingdir")).image(&img),
+        &["missingdir"],
+    );
+    fs::write(s.join("plainfile"), b"x").unwrap();
+    assert_mount_fails(
+        MountCmd::new().at(s.join("plainfile")).image(&img),
+        &["plainfile"],
+    );
+    // Already a mount point: the second mount fails and the first keeps working.
+    let reference = raw_reference(&img);
+    let first = s.mount(&[&img], &["--read-only"]);
+    let other = valid_image(s.path(), "other.qcow2");
+    assert_mount_fails(
+        MountCmd::new()
+            .at(first.path())
+            .arg("--read-only")
+            .image(&other),
+        &[first.path().file_name().unwrap().to_str().unwrap()],
+    );
+    assert!(is_mounted(first.path()));
+    assert!(first.daemon_alive());
+    assert_bytes_eq("img.raw", &read_file(&first.file("img.raw")), &reference);
+    first.umount();
+}
+
+#[test]
+fn corrupt_bit_needs_read_only() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image(s.path(), "corrupt.qcow2");
+    let reference = raw_reference(&img);
+    let v = read_be64(&img, 72);
+    patch_be64(&img, 72, v | 2);
+    assert_mount_fails(s.mount_cmd().image(&img), &["corrupt.qcow2"]);
+    assert_mount_fails(
+        s.mount_cmd().arg("--no-copy-on-read").image(&img),
+        &["corrupt.qcow2"],
+    );
+    let before = fs::read(&img).unwrap();
+    let m = s.mount(&[&img], &["--read-only"]);
+    assert_bytes_eq(
+        "corrupt.raw",
+        &read_file(&m.file("corrupt.raw")),
+        &reference,
+    );
+    m.umount();
+    assert!(
+        fs::read(&img).unwrap() == before,
+        "read-only mount modified the image"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Several chains, names, .control
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn two_chains_default_and_explicit_names() {
+    require_fuse!();
+    let s = Scratch::new();
+    let vm1 = valid_image_with_backing(&s.subdir("a"), "vm1.qcow2");
+    let second = valid_image(&s.subdir("b"), "second.qcow2");
+    write_pattern(&second, 0x77, 3 * MIB, 5000);
+    let dotted = Qcow2::new()
+        .size(3 * MIB + 512)
+        .create(&s.subdir("c").join("my.disk.qcow2"));
+    write_pattern(&dotted, 0x78, 0, 4096);
+    let m = s
+        .mount_cmd()
+        .arg("--read-only")
+        .image(&vm1)
+        .named("data", &second)
+        .image(&dotted)
+        .run()
+        .unwrap_or_else(|f| panic!("{f}"));
+
+    let chains = [
+        ("vm1.raw", &vm1),
+        ("data", &second),
+        ("my.disk.raw", &dotted),
+    ];
+    let mut listed = m.list();
+    listed.retain(|n| n != ".control");
+    let mut names: Vec<&str> = chains.iter().map(|c| c.0).collect();
+    names.sort();
+    assert_eq!(listed, names, "files in the mount root");
+
+    let meta = fs::metadata(m.control()).expect(".control exists");
+    assert!(meta.is_file());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, ".control mode");
+
+    for (name, img) in chains {
+        let reference = raw_reference(img);
+        assert_eq!(
+            fs::metadata(m.file(name)).unwrap().len(),
+            reference.len() as u64
+        );
+        assert_bytes_eq(name, &read_file(&m.file(name)), &reference);
+    }
+
+    let text = m.read_control();
+    let lines = parse_control(&text);
+    assert_eq!(lines.len(), 3, ".control:\n{text}");
+    for (name, img) in chains {
+        let line = lines
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no .control line for {name}:\n{text}"));
+        let size = virtual_size(img).to_string();
+        assert_eq!(line.get("state"), Some("idle"), "{}", line.raw);
+        assert_eq!(line.get("offset"), Some("0"), "{}", line.raw);
+        assert_eq!(line.get("len"), Some(size.as_str()), "{}", line.raw);
+    }
+    m.umount();
+}
+
+#[test]
+fn control_exists_for_a_single_chain() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image(s.path(), "solo.qcow2");
+    let m = s.mount(&[&img], &[]);
+    let lines = m.control_lines();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].name, "solo.raw");
+    assert_eq!(lines[0].get("state"), Some("idle"));
+    assert_eq!(lines[0].get("offset"), Some("0"));
+    assert_eq!(lines[0].get("len"), Some((16 * MIB).to_string().as_str()));
+    m.umount();
+}
+
+#[test]
+fn mount_rejects_bad_names() {
+    require_fuse!();
+    let s = Scratch::new();
+    let a = valid_image(&s.subdir("a"), "vm1.qcow2");
+    let b = valid_image(&s.subdir("b"), "vm1.qcow2");
+    let c = valid_image(&s.subdir("c"), "other.qcow2");
+    // Same default name from two directories.
+    assert_mount_fails(s.mount_cmd().image(&a).image(&b), &["vm1.raw"]);
+    // Same explicit name twice.
+    assert_mount_fails(s.mount_cmd().named("x", &a).named("x", &c), &["x"]);
+    // Explicit name equal to another chain's default name.
+    assert_mount_fails(s.mount_cmd().image(&a).named("vm1.raw", &c), &["vm1.raw"]);
+    // A name with a slash, and the reserved name.
+    assert_mount_fails(s.mount_cmd().named("sub/disk", &a), &["sub/disk"]);
+    assert_mount_fails(s.mount_cmd().named(".control", &a), &[".control"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Clean exit
+// ---------------------------------------------------------------------------------------------
+
+/// Mounts a three-layer chain with copy-on-read, reads it all (so the daemon writes the
+/// leaf), ends the mount with `end`, then checks the leaf is consistent and unchanged.
+fn clean_exit(end: impl FnOnce(Mount)) {
+    let s = Scratch::new();
+    let chain = three_layers(&s);
+    let reference = raw_reference(&chain.top);
+    let m = s.mount(&[&chain.top], &[]);
+    assert_bytes_eq("top.raw", &read_file(&m.file("top.raw")), &reference);
+    end(m);
+    qemu_img_check(&chain.top);
+    assert_bytes_eq("leaf after exit", &raw_reference(&chain.top), &reference);
+}
+
+#[test]
+fn exit_after_streamfs_umount() {
+    require_fuse!();
+    clean_exit(|m| m.umount());
+}
+
+#[test]
+fn exit_after_system_umount() {
+    require_fuse!();
+    clean_exit(|m| m.system_umount());
+}
+
+#[test]
+fn exit_after_sigterm() {
+    require_fuse!();
+    clean_exit(|m| m.terminate(libc::SIGTERM));
+}
+
+#[test]
+fn exit_after_sigint() {
+    require_fuse!();
+    clean_exit(|m| m.terminate(libc::SIGINT));
+}
+
+/// The pid xattr names the live daemon, which is the streamfs binary.
+#[test]
+fn pid_xattr_names_the_daemon() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image(s.path(), "p.qcow2");
+    let m = s.mount(&[&img], &["--read-only"]);
+    let pid = read_pid_xattr(m.path()).expect("user.streamfs.pid");
+    assert!(is_alive(pid), "pid {pid} from the xattr is not running");
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, fs::canonicalize(streamfs_bin()).unwrap());
+    m.umount();
+    assert!(!is_alive(pid));
+}
+
+/// `mount` detaches from the caller: it exits and its stdout/stderr reach EOF (the daemon
+/// does not keep the caller's pipes open, so `$(streamfs mount ...)` returns).
+#[test]
+fn mount_releases_callers_stdio() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image(s.path(), "io.qcow2");
+    let mp = s.new_mountpoint();
+    let mut child = Command::new(streamfs_bin())
+        .args(["mount", "--read-only", ps(&mp), ps(&img)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(|| child.try_wait().unwrap().is_some(), MOUNT_TIMEOUT);
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    // Adopt the mount (if any) first so it is cleaned up whatever happens next.
+    let m = is_mounted(&mp).then(|| Mount::adopt(&mp));
+    assert!(
+        exited && status.success(),
+        "mount exited={exited} status={status}"
+    );
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    with_timeout(
+        "EOF on mount's stdout/stderr",
+        Duration::from_secs(5),
+        move || {
+            use std::io::Read;
+            let mut sink = Vec::new();
+            out.read_to_end(&mut sink).unwrap();
+            err.read_to_end(&mut sink).unwrap();
+        },
+    );
+    m.expect("mounted").umount();
+}
+
+/// `--foreground` stays attached: the mount is live while the process runs, the xattr names
+/// that very process, and SIGTERM ends it with exit 0 and the mount gone.
+#[test]
+fn foreground_stays_attached() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image(s.path(), "fg.qcow2");
+    let reference = raw_reference(&img);
+    let mp = s.new_mountpoint();
+    let log = s.join("fg.log");
+    let mut cmd = Command::new(streamfs_bin());
+    cmd.args([
+        "mount",
+        "--foreground",
+        "--log-file",
+        ps(&log),
+        ps(&mp),
+        ps(&img),
+    ]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let live = wait_until(|| is_mounted(&mp), MOUNT_TIMEOUT);
+    if !live {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("--foreground mount did not become live within {MOUNT_TIMEOUT:?}");
+    }
+    let m = Mount::adopt(&mp);
+    assert_eq!(
+        m.pid(),
+        child.id() as i32,
+        "xattr pid vs foreground process"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--foreground process exited"
+    );
+    assert_bytes_eq("fg.raw", &read_file(&m.file("fg.raw")), &reference);
+    m.signal(libc::SIGTERM);
+    let exited = wait_until(|| child.try_wait().unwrap().is_some(), EXIT_TIMEOUT);
+    let status = if exited {
+        child.wait().unwrap()
+    } else {
+        Default::default()
+    };
+    assert!(
+        exited,
+        "--foreground process still running {EXIT_TIMEOUT:?} after SIGTERM"
+    );
+    assert!(
+        status.success(),
+        "--foreground exit status after SIGTERM: {status}"
+    );
+    m.assert_gone(EXIT_TIMEOUT);
+    qemu_img_check(&img);
+}
