@@ -6,7 +6,13 @@
 //! <- `jobs` (stream workers) <- `control` (command parsing, status) <- `fs` (fuser)
 //! <- `daemon`/`cli` (process life cycle, command line).
 
+pub mod chain;
+pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod error;
 pub mod format;
+pub mod fs;
+pub mod jobs;
 
 pub use error::{Error, Result};

@@ -34,12 +34,21 @@ pub fn pread_zero_tail(file: &File, path: &Path, buf: &mut [u8], offset: u64) ->
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`; a short file is a corrupt image.
-pub fn pread_exact(file: &File, path: &Path, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+pub fn pread_exact(
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+    what: &str,
+) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::corrupt(
                 path,
-                format!("{what} at offset {offset} (+{} bytes) is beyond the end of the file", buf.len()),
+                format!(
+                    "{what} at offset {offset} (+{} bytes) is beyond the end of the file",
+                    buf.len()
+                ),
             )
         } else {
             Error::io(path, format!("reading {what} at offset {offset}"), e)
@@ -48,12 +57,18 @@ pub fn pread_exact(file: &File, path: &Path, buf: &mut [u8], offset: u64, what: 
 }
 
 pub fn pwrite_all(file: &File, path: &Path, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-    file.write_all_at(buf, offset)
-        .map_err(|e| Error::io(path, format!("writing {what} ({} bytes at offset {offset})", buf.len()), e))
+    file.write_all_at(buf, offset).map_err(|e| {
+        Error::io(
+            path,
+            format!("writing {what} ({} bytes at offset {offset})", buf.len()),
+            e,
+        )
+    })
 }
 
 pub fn fdatasync(file: &File, path: &Path) -> Result<()> {
-    file.sync_data().map_err(|e| Error::io(path, "fdatasync", e))
+    file.sync_data()
+        .map_err(|e| Error::io(path, "fdatasync", e))
 }
 
 pub fn file_len(file: &File, path: &Path) -> Result<u64> {

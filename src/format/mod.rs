@@ -22,7 +22,11 @@ pub enum Mapping {
     /// Data at this host offset (for the first byte of the range).
     Data { host: u64 },
     /// One compressed cluster starting at guest offset `cluster_start`.
-    Compressed { host: u64, len: u64, cluster_start: u64 },
+    Compressed {
+        host: u64,
+        len: u64,
+        cluster_start: u64,
+    },
 }
 
 impl Mapping {
@@ -62,7 +66,10 @@ impl Format {
         match name {
             "qcow2" => Ok(Format::Qcow2),
             "raw" | "file" => Ok(Format::Raw),
-            other => Err(Error::unsupported(path, format!("image format '{other}' (only qcow2 and raw)"))),
+            other => Err(Error::unsupported(
+                path,
+                format!("image format '{other}' (only qcow2 and raw)"),
+            )),
         }
     }
 
@@ -72,11 +79,13 @@ impl Format {
         let mut magic = [0u8; 4];
         let n = std::os::unix::fs::FileExt::read_at(&f, &mut magic, 0)
             .map_err(|e| Error::io(path, "reading the first bytes", e))?;
-        Ok(if n == 4 && u32::from_be_bytes(magic) == qcow2::header::MAGIC {
-            Format::Qcow2
-        } else {
-            Format::Raw
-        })
+        Ok(
+            if n == 4 && u32::from_be_bytes(magic) == qcow2::header::MAGIC {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            },
+        )
     }
 }
 
@@ -165,7 +174,14 @@ impl Image {
             }
             Image::Raw(r) => {
                 let (data, n) = r.status(off, len)?;
-                Ok((if data { Status::Data } else { Status::Unallocated }, n))
+                Ok((
+                    if data {
+                        Status::Data
+                    } else {
+                        Status::Unallocated
+                    },
+                    n,
+                ))
             }
         }
     }

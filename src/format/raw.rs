@@ -23,7 +23,12 @@ impl RawImage {
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
         let size = file_len(&file, path)?;
-        Ok(RawImage { path: path.to_path_buf(), file, size, writable })
+        Ok(RawImage {
+            path: path.to_path_buf(),
+            file,
+            size,
+            writable,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -79,7 +84,9 @@ impl RawImage {
         let data = seek_data(&self.file, off).map_err(err)?;
         match data {
             Some(d) if d <= off => {
-                let hole = seek_hole(&self.file, off).map_err(err)?.unwrap_or(self.size);
+                let hole = seek_hole(&self.file, off)
+                    .map_err(err)?
+                    .unwrap_or(self.size);
                 Ok((true, (hole.max(off + 1) - off).min(len)))
             }
             Some(d) => Ok((false, (d - off).min(len))),

@@ -25,7 +25,11 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
         let in_pos = d.total_in() as usize;
         let out_pos = d.total_out() as usize;
         let status = d
-            .decompress(&input[in_pos..], &mut out[out_pos..], flate2::FlushDecompress::Finish)
+            .decompress(
+                &input[in_pos..],
+                &mut out[out_pos..],
+                flate2::FlushDecompress::Finish,
+            )
             .map_err(|e| format!("deflate: {e}"))?;
         if d.total_out() as usize == out.len() {
             return Ok(());
@@ -48,7 +52,8 @@ mod tests {
     #[test]
     fn inflates_raw_deflate_with_trailing_garbage() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let mut c = enc.finish().unwrap();
         c.extend_from_slice(&[0xAB; 700]);

@@ -86,7 +86,10 @@ impl Header {
     /// of the file to read for `parse`.
     pub fn probe_cluster_bits(buf: &[u8]) -> Result<u32, HeaderError> {
         if buf.len() < V2_HEADER_LEN {
-            return corrupt(format!("header truncated ({} bytes, need at least {V2_HEADER_LEN})", buf.len()));
+            return corrupt(format!(
+                "header truncated ({} bytes, need at least {V2_HEADER_LEN})",
+                buf.len()
+            ));
         }
         if be32(buf, 0) != MAGIC {
             return corrupt("bad magic (not a qcow2 image)");
@@ -118,10 +121,15 @@ impl Header {
             }
             let hl = be32(buf, 100) as usize;
             if hl < V3_MIN_HEADER_LEN || hl % 8 != 0 || hl as u64 > cluster_size {
-                return corrupt(format!("header_length {hl} invalid (must be >= 104, 8-aligned, <= cluster size)"));
+                return corrupt(format!(
+                    "header_length {hl} invalid (must be >= 104, 8-aligned, <= cluster size)"
+                ));
             }
             if buf.len() < hl {
-                return corrupt(format!("header truncated ({} bytes, header_length {hl})", buf.len()));
+                return corrupt(format!(
+                    "header truncated ({} bytes, header_length {hl})",
+                    buf.len()
+                ));
             }
             hl
         };
@@ -172,7 +180,9 @@ impl Header {
         if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
             return unsupported("external data file (data-file option)");
         }
-        if h.incompatible_features & INCOMPAT_COMPRESSION == 0 && h.compression != Compression::Deflate {
+        if h.incompatible_features & INCOMPAT_COMPRESSION == 0
+            && h.compression != Compression::Deflate
+        {
             return corrupt("compression type set without the compression-type feature bit");
         }
         if h.refcount_order > 6 {
@@ -187,7 +197,11 @@ impl Header {
         let bytes_per_l1 = l2_entries << cluster_bits;
         let needed_l1 = h.size.div_ceil(bytes_per_l1);
         if (h.l1_size as u64) * 8 > MAX_L1_BYTES {
-            return corrupt(format!("l1_size {} too large (limit {} entries)", h.l1_size, MAX_L1_BYTES / 8));
+            return corrupt(format!(
+                "l1_size {} too large (limit {} entries)",
+                h.l1_size,
+                MAX_L1_BYTES / 8
+            ));
         }
         if (h.l1_size as u64) < needed_l1 {
             return corrupt(format!(
@@ -195,26 +209,48 @@ impl Header {
                 h.l1_size, h.size
             ));
         }
-        check_table(file_len, cluster_size, h.l1_table_offset, h.l1_size as u64 * 8, "L1 table")?;
+        check_table(
+            file_len,
+            cluster_size,
+            h.l1_table_offset,
+            h.l1_size as u64 * 8,
+            "L1 table",
+        )?;
         let reftable_bytes = h.refcount_table_clusters as u64 * cluster_size;
         if reftable_bytes > MAX_REFTABLE_BYTES {
-            return corrupt(format!("refcount table of {} clusters too large", h.refcount_table_clusters));
+            return corrupt(format!(
+                "refcount table of {} clusters too large",
+                h.refcount_table_clusters
+            ));
         }
         if h.refcount_table_clusters == 0 {
             return corrupt("refcount table has no clusters");
         }
-        check_table(file_len, cluster_size, h.refcount_table_offset, reftable_bytes, "refcount table")?;
+        check_table(
+            file_len,
+            cluster_size,
+            h.refcount_table_offset,
+            reftable_bytes,
+            "refcount table",
+        )?;
 
         h.parse_extensions(buf, cluster_size, header_length)?;
 
         if h.backing_file_offset != 0 {
             let len = h.backing_file_size as usize;
             if len > MAX_BACKING_NAME {
-                return corrupt(format!("backing file name length {len} > {MAX_BACKING_NAME}"));
+                return corrupt(format!(
+                    "backing file name length {len} > {MAX_BACKING_NAME}"
+                ));
             }
             let start = h.backing_file_offset;
-            if start.checked_add(len as u64).is_none_or(|end| end > cluster_size.min(buf.len() as u64)) {
-                return corrupt(format!("backing file name (offset {start}, length {len}) is outside the first cluster"));
+            if start
+                .checked_add(len as u64)
+                .is_none_or(|end| end > cluster_size.min(buf.len() as u64))
+            {
+                return corrupt(format!(
+                    "backing file name (offset {start}, length {len}) is outside the first cluster"
+                ));
             }
             let name = &buf[start as usize..start as usize + len];
             let name = std::str::from_utf8(name)
@@ -226,7 +262,12 @@ impl Header {
         Ok(h)
     }
 
-    fn parse_extensions(&mut self, buf: &[u8], cluster_size: u64, start: usize) -> Result<(), HeaderError> {
+    fn parse_extensions(
+        &mut self,
+        buf: &[u8],
+        cluster_size: u64,
+        start: usize,
+    ) -> Result<(), HeaderError> {
         let end = if self.backing_file_offset != 0 {
             (self.backing_file_offset.min(cluster_size) as usize).min(buf.len())
         } else {
@@ -245,7 +286,9 @@ impl Header {
                 return Ok(());
             }
             if len > end - at {
-                return corrupt(format!("header extension {ty:#x} of length {len} overruns the header area"));
+                return corrupt(format!(
+                    "header extension {ty:#x} of length {len} overruns the header area"
+                ));
             }
             let data = &buf[at..at + len];
             match ty {
@@ -287,8 +330,10 @@ impl Header {
     /// written at offset 0, or an error if it does not fit in the first cluster.
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
         let mut out = self.raw.clone();
-        let put32 = |o: &mut Vec<u8>, at: usize, v: u32| o[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 = |o: &mut Vec<u8>, at: usize, v: u64| o[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |o: &mut Vec<u8>, at: usize, v: u32| o[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |o: &mut Vec<u8>, at: usize, v: u64| o[at..at + 8].copy_from_slice(&v.to_be_bytes());
         put64(&mut out, 48, self.refcount_table_offset);
         put32(&mut out, 56, self.refcount_table_clusters);
         if self.version == 3 {
@@ -313,7 +358,9 @@ impl Header {
         let (off, len) = match &self.backing_file {
             Some(name) => {
                 if name.len() > MAX_BACKING_NAME {
-                    return corrupt(format!("backing file name longer than {MAX_BACKING_NAME} bytes"));
+                    return corrupt(format!(
+                        "backing file name longer than {MAX_BACKING_NAME} bytes"
+                    ));
                 }
                 let off = out.len();
                 out.extend_from_slice(name.as_bytes());
@@ -336,7 +383,13 @@ impl Header {
     }
 }
 
-fn check_table(file_len: u64, cluster_size: u64, offset: u64, bytes: u64, what: &str) -> Result<(), HeaderError> {
+fn check_table(
+    file_len: u64,
+    cluster_size: u64,
+    offset: u64,
+    bytes: u64,
+    what: &str,
+) -> Result<(), HeaderError> {
     if bytes == 0 {
         return Ok(());
     }
@@ -448,7 +501,10 @@ mod tests {
         let (b, len) = sample();
         let mut m = b.clone();
         set32(&mut m, 4, 4);
-        assert!(matches!(Header::parse(&m, len), Err(HeaderError::Unsupported(_))));
+        assert!(matches!(
+            Header::parse(&m, len),
+            Err(HeaderError::Unsupported(_))
+        ));
         for bits in [0, 8, 22, 63, u32::MAX] {
             let mut m = b.clone();
             set32(&mut m, 20, bits);
@@ -507,13 +563,20 @@ mod tests {
         let (b, len) = sample();
         let mut m = b.clone();
         set32(&mut m, 32, 2);
-        assert!(matches!(Header::parse(&m, len), Err(HeaderError::Unsupported(s)) if s.contains("encrypted")));
+        assert!(
+            matches!(Header::parse(&m, len), Err(HeaderError::Unsupported(s)) if s.contains("encrypted"))
+        );
         let mut m = b.clone();
         set64(&mut m, 72, 1 << 20);
-        assert!(matches!(Header::parse(&m, len), Err(HeaderError::Unsupported(s)) if s.contains("incompatible")));
+        assert!(
+            matches!(Header::parse(&m, len), Err(HeaderError::Unsupported(s)) if s.contains("incompatible"))
+        );
         let mut m = b.clone();
         set64(&mut m, 72, INCOMPAT_DATA_FILE);
-        assert!(matches!(Header::parse(&m, len), Err(HeaderError::Unsupported(_))));
+        assert!(matches!(
+            Header::parse(&m, len),
+            Err(HeaderError::Unsupported(_))
+        ));
     }
 
     #[test]

@@ -21,7 +21,12 @@ pub enum ClusterState {
     /// Compressed: `len` bytes starting at `host` (not aligned) hold the compressed stream.
     Compressed { host: u64, len: u64 },
     /// Extended L2 with mixed subclusters (bit x of `alloc`/`zero` = subcluster x).
-    Mixed { host: u64, alloc: u32, zero: u32, copied: bool },
+    Mixed {
+        host: u64,
+        alloc: u32,
+        zero: u32,
+        copied: bool,
+    },
 }
 
 /// Per-subcluster (or whole-cluster) status used by reads.
@@ -122,7 +127,9 @@ impl Geometry {
         let host = word & OFFSET_MASK;
         let copied = word & COPIED != 0;
         if host % self.cluster_size() != 0 {
-            return Err(format!("L2 entry {word:#x}: host offset {host:#x} is not cluster aligned"));
+            return Err(format!(
+                "L2 entry {word:#x}: host offset {host:#x} is not cluster aligned"
+            ));
         }
         if !self.extended {
             if self.zero_flag && word & ZERO != 0 {
@@ -137,16 +144,25 @@ impl Geometry {
         let alloc = bitmap as u32;
         let zero = (bitmap >> 32) as u32;
         if alloc & zero != 0 {
-            return Err(format!("extended L2 bitmap {bitmap:#x}: subclusters both allocated and zero"));
+            return Err(format!(
+                "extended L2 bitmap {bitmap:#x}: subclusters both allocated and zero"
+            ));
         }
         if alloc != 0 && host == 0 {
-            return Err(format!("extended L2 bitmap {bitmap:#x}: allocated subclusters without a host cluster"));
+            return Err(format!(
+                "extended L2 bitmap {bitmap:#x}: allocated subclusters without a host cluster"
+            ));
         }
         Ok(match (alloc, zero) {
             (0, 0) => ClusterState::Unallocated,
             (ALL_SUB, _) => ClusterState::Data { host, copied },
             (0, ALL_SUB) => ClusterState::Zero { host },
-            _ => ClusterState::Mixed { host, alloc, zero, copied },
+            _ => ClusterState::Mixed {
+                host,
+                alloc,
+                zero,
+                copied,
+            },
         })
     }
 
@@ -184,7 +200,9 @@ impl Geometry {
 pub fn decode_l1(entry: u64, cluster_size: u64) -> Result<u64, String> {
     let off = entry & OFFSET_MASK;
     if off % cluster_size != 0 {
-        return Err(format!("L1 entry {entry:#x}: L2 table offset {off:#x} is not cluster aligned"));
+        return Err(format!(
+            "L1 entry {entry:#x}: L2 table offset {off:#x} is not cluster aligned"
+        ));
     }
     Ok(off)
 }
@@ -193,22 +211,54 @@ pub fn decode_l1(entry: u64, cluster_size: u64) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    const STD: Geometry = Geometry { cluster_bits: 16, extended: false, zero_flag: true };
-    const EXT: Geometry = Geometry { cluster_bits: 16, extended: true, zero_flag: false };
+    const STD: Geometry = Geometry {
+        cluster_bits: 16,
+        extended: false,
+        zero_flag: true,
+    };
+    const EXT: Geometry = Geometry {
+        cluster_bits: 16,
+        extended: true,
+        zero_flag: false,
+    };
 
     #[test]
     fn standard_entries() {
         assert_eq!(STD.decode(0, 0).unwrap(), ClusterState::Unallocated);
-        assert_eq!(STD.decode(0x50000 | COPIED, 0).unwrap(), ClusterState::Data { host: 0x50000, copied: true });
+        assert_eq!(
+            STD.decode(0x50000 | COPIED, 0).unwrap(),
+            ClusterState::Data {
+                host: 0x50000,
+                copied: true
+            }
+        );
         assert_eq!(STD.decode(ZERO, 0).unwrap(), ClusterState::Zero { host: 0 });
-        assert_eq!(STD.decode(0x50000 | ZERO | COPIED, 0).unwrap(), ClusterState::Zero { host: 0x50000 });
-        assert!(STD.decode(0x50200 | COPIED, 0).is_err(), "unaligned host offset");
-        let v2 = Geometry { zero_flag: false, ..STD };
+        assert_eq!(
+            STD.decode(0x50000 | ZERO | COPIED, 0).unwrap(),
+            ClusterState::Zero { host: 0x50000 }
+        );
+        assert!(
+            STD.decode(0x50200 | COPIED, 0).is_err(),
+            "unaligned host offset"
+        );
+        let v2 = Geometry {
+            zero_flag: false,
+            ..STD
+        };
         assert_eq!(v2.decode(ZERO, 0).unwrap(), ClusterState::Unallocated);
         let (w, b) = STD.encode_data(0x70000);
-        assert_eq!(STD.decode(w, b).unwrap(), ClusterState::Data { host: 0x70000, copied: true });
+        assert_eq!(
+            STD.decode(w, b).unwrap(),
+            ClusterState::Data {
+                host: 0x70000,
+                copied: true
+            }
+        );
         let (w, b) = STD.encode_zero(0x70000);
-        assert_eq!(STD.decode(w, b).unwrap(), ClusterState::Zero { host: 0x70000 });
+        assert_eq!(
+            STD.decode(w, b).unwrap(),
+            ClusterState::Zero { host: 0x70000 }
+        );
     }
 
     #[test]
@@ -233,15 +283,27 @@ mod tests {
     fn extended_entries() {
         let host = 0x30000 | COPIED;
         assert_eq!(EXT.decode(host, 0).unwrap(), ClusterState::Unallocated);
-        assert_eq!(EXT.decode(host, 0xffff_ffff).unwrap(), ClusterState::Data { host: 0x30000, copied: true });
-        assert_eq!(EXT.decode(0, 0xffff_ffff_0000_0000).unwrap(), ClusterState::Zero { host: 0 });
+        assert_eq!(
+            EXT.decode(host, 0xffff_ffff).unwrap(),
+            ClusterState::Data {
+                host: 0x30000,
+                copied: true
+            }
+        );
+        assert_eq!(
+            EXT.decode(0, 0xffff_ffff_0000_0000).unwrap(),
+            ClusterState::Zero { host: 0 }
+        );
         let m = EXT.decode(host, (0b100u64 << 32) | 0b011).unwrap();
         assert_eq!(m.sub(0), SubState::Data);
         assert_eq!(m.sub(1), SubState::Data);
         assert_eq!(m.sub(2), SubState::Zero);
         assert_eq!(m.sub(3), SubState::Unallocated);
         assert!(!m.fully_allocated());
-        assert!(EXT.decode(host, (1u64 << 32) | 1).is_err(), "alloc and zero overlap");
+        assert!(
+            EXT.decode(host, (1u64 << 32) | 1).is_err(),
+            "alloc and zero overlap"
+        );
         assert!(EXT.decode(0, 1).is_err(), "allocated without host");
         // Bit 0 is not a zero flag with extended L2.
         assert_eq!(EXT.decode(ZERO, 0).unwrap(), ClusterState::Unallocated);

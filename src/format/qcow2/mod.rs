@@ -58,7 +58,11 @@ impl L2Table {
         }
     }
     fn to_bytes(&self) -> Vec<u8> {
-        self.words.read().iter().flat_map(|w| w.to_be_bytes()).collect()
+        self.words
+            .read()
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect()
     }
 }
 
@@ -204,7 +208,13 @@ impl Qcow2 {
             zero_flag: header.version >= 3,
         };
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-        pread_exact(&file, path, &mut l1_bytes, header.l1_table_offset, "L1 table")?;
+        pread_exact(
+            &file,
+            path,
+            &mut l1_bytes,
+            header.l1_table_offset,
+            "L1 table",
+        )?;
         let l1 = l1_bytes
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
@@ -264,7 +274,9 @@ impl Qcow2 {
     /// (backing file name as stored, backing format if given).
     pub fn backing(&self) -> Option<(String, Option<String>)> {
         let h = self.header.lock();
-        h.backing_file.clone().map(|f| (f, h.backing_format.clone()))
+        h.backing_file
+            .clone()
+            .map(|f| (f, h.backing_format.clone()))
     }
 
     fn corrupt(&self, msg: impl Into<String>) -> Error {
@@ -272,7 +284,13 @@ impl Qcow2 {
     }
 
     fn l2_offset(&self, l1_index: u64) -> Result<u64> {
-        let entry = self.meta.lock().l1.get(l1_index as usize).copied().unwrap_or(0);
+        let entry = self
+            .meta
+            .lock()
+            .l1
+            .get(l1_index as usize)
+            .copied()
+            .unwrap_or(0);
         decode_l1(entry, self.geo.cluster_size()).map_err(|m| self.corrupt(m))
     }
 
@@ -338,7 +356,11 @@ impl Qcow2 {
                 if first.is_some() {
                     break;
                 }
-                let m = Mapping::Compressed { host, len, cluster_start };
+                let m = Mapping::Compressed {
+                    host,
+                    len,
+                    cluster_start,
+                };
                 return Ok((m, end.min(cluster_start + cs) - off));
             }
             let si = in_cluster / sub;
@@ -365,7 +387,11 @@ impl Qcow2 {
         match m {
             Mapping::Zero | Mapping::Unallocated => buf.fill(0),
             Mapping::Data { host } => pread_zero_tail(&self.file, &self.path, buf, host)?,
-            Mapping::Compressed { host, len, cluster_start } => {
+            Mapping::Compressed {
+                host,
+                len,
+                cluster_start,
+            } => {
                 let data = self.decompressed_cluster(host, len)?;
                 let at = (off - cluster_start) as usize;
                 buf.copy_from_slice(&data[at..at + buf.len()]);
@@ -381,8 +407,9 @@ impl Qcow2 {
         let mut input = vec![0u8; len as usize];
         pread_zero_tail(&self.file, &self.path, &mut input, host)?;
         let mut out = vec![0u8; self.geo.cluster_size() as usize];
-        compress::decompress(self.compression, &input, &mut out)
-            .map_err(|m| self.corrupt(format!("compressed cluster at host offset {host:#x}: {m}")))?;
+        compress::decompress(self.compression, &input, &mut out).map_err(|m| {
+            self.corrupt(format!("compressed cluster at host offset {host:#x}: {m}"))
+        })?;
         let out = Arc::new(out);
         self.decompressed.lock().put(host, out.clone());
         Ok(out)
@@ -394,7 +421,10 @@ impl Qcow2 {
         if self.writable {
             Ok(())
         } else {
-            Err(Error::state(libc::EROFS, format!("{} is open read-only", self.path.display())))
+            Err(Error::state(
+                libc::EROFS,
+                format!("{} is open read-only", self.path.display()),
+            ))
         }
     }
 
@@ -406,7 +436,13 @@ impl Qcow2 {
         let h = self.header.lock().clone();
         let cs = self.geo.cluster_size();
         let mut bytes = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
-        pread_exact(&self.file, &self.path, &mut bytes, h.refcount_table_offset, "refcount table")?;
+        pread_exact(
+            &self.file,
+            &self.path,
+            &mut bytes,
+            h.refcount_table_offset,
+            "refcount table",
+        )?;
         let table = bytes
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
@@ -526,9 +562,11 @@ impl Qcow2 {
     /// Queues the references an old cluster state held for release after the next flush.
     fn release(&self, m: &mut Meta, old: ClusterState) {
         match old {
-            ClusterState::Compressed { host, len } => {
-                m.pending_decref.extend(self.geo.compressed_clusters(host, len).map(|h| h / self.geo.cluster_size()))
-            }
+            ClusterState::Compressed { host, len } => m.pending_decref.extend(
+                self.geo
+                    .compressed_clusters(host, len)
+                    .map(|h| h / self.geo.cluster_size()),
+            ),
             ClusterState::Unallocated => {}
             s if s.host() != 0 => m.pending_decref.push(s.host() / self.geo.cluster_size()),
             _ => {}
@@ -545,7 +583,10 @@ impl Qcow2 {
             .ok_or_else(|| self.corrupt(format!("L1 index {l1i} beyond the L1 table")))?;
         let off = decode_l1(entry, cs).map_err(|msg| self.corrupt(msg))?;
         if off != 0 && entry & COPIED == 0 {
-            return Err(Error::unsupported(&self.path, "shared L2 table (refcount > 1)"));
+            return Err(Error::unsupported(
+                &self.path,
+                "shared L2 table (refcount > 1)",
+            ));
         }
         let table = if off == 0 {
             let refs = m.refs.as_mut().expect("loaded");
@@ -638,7 +679,10 @@ impl Qcow2 {
                     };
                     for c in released {
                         if let Err(e) = refs.adjust(c, -1, &mut io) {
-                            log::warn!("{}: releasing cluster {c}: {e} (the cluster leaks)", self.path.display());
+                            log::warn!(
+                                "{}: releasing cluster {c}: {e} (the cluster leaks)",
+                                self.path.display()
+                            );
                         }
                     }
                 }
@@ -690,7 +734,12 @@ impl Qcow2 {
         let h = self.header.lock();
         let l1 = l1_indexes
             .iter()
-            .map(|&i| (h.l1_table_offset + i as u64 * 8, m.l1[i].to_be_bytes().to_vec()))
+            .map(|&i| {
+                (
+                    h.l1_table_offset + i as u64 * 8,
+                    m.l1[i].to_be_bytes().to_vec(),
+                )
+            })
             .collect();
         drop(h);
         Ok(Snapshot {
@@ -731,7 +780,11 @@ impl Qcow2 {
     }
 
     fn write_header(&self) -> Result<()> {
-        let bytes = self.header.lock().encode().map_err(|e| header_err(&self.path, e))?;
+        let bytes = self
+            .header
+            .lock()
+            .encode()
+            .map_err(|e| header_err(&self.path, e))?;
         pwrite_all(&self.file, &self.path, &bytes, 0, "header")?;
         fdatasync(&self.file, &self.path)
     }

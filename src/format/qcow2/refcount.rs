@@ -47,7 +47,13 @@ pub struct RefSnapshot {
 }
 
 impl Refcounts {
-    pub fn new(order: u32, cluster_size: u64, table: Vec<u64>, table_offset: u64, table_clusters: u64) -> Self {
+    pub fn new(
+        order: u32,
+        cluster_size: u64,
+        table: Vec<u64>,
+        table_offset: u64,
+        table_clusters: u64,
+    ) -> Self {
         let bits = 1u32 << order;
         Refcounts {
             bits,
@@ -80,7 +86,9 @@ impl Refcounts {
         } else {
             let n = (bits / 8) as usize;
             let at = i as usize * n;
-            data[at..at + n].iter().fold(0u64, |acc, &b| (acc << 8) | b as u64)
+            data[at..at + n]
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | b as u64)
         }
     }
 
@@ -132,10 +140,19 @@ impl Refcounts {
         }
         let offset = self.table[bi as usize] & OFFSET_MASK;
         if offset % self.cluster_size != 0 {
-            return Err(io.corrupt(format!("refcount table entry {bi}: block offset {offset:#x} not aligned")));
+            return Err(io.corrupt(format!(
+                "refcount table entry {bi}: block offset {offset:#x} not aligned"
+            )));
         }
         let data = io.load_block(offset)?;
-        self.blocks.insert(bi, Block { offset, data, dirty: false });
+        self.blocks.insert(
+            bi,
+            Block {
+                offset,
+                data,
+                dirty: false,
+            },
+        );
         Ok(())
     }
 
@@ -151,7 +168,14 @@ impl Refcounts {
             self.table[bi as usize] = offset;
             self.dirty_table_entries.insert(bi as usize);
             let data = vec![0u8; self.cluster_size as usize];
-            self.blocks.insert(bi, Block { offset, data, dirty: true });
+            self.blocks.insert(
+                bi,
+                Block {
+                    offset,
+                    data,
+                    dirty: true,
+                },
+            );
             // The new block needs a reference itself (often from itself).
             self.adjust(offset / self.cluster_size, 1, io)?;
         }
@@ -188,7 +212,8 @@ impl Refcounts {
         }
         let offset = io.alloc_clusters(clusters)?;
         self.table.resize((clusters * per_cluster) as usize, 0);
-        self.freed_after_header.push((self.table_offset, self.table_clusters));
+        self.freed_after_header
+            .push((self.table_offset, self.table_clusters));
         self.table_offset = offset;
         self.table_clusters = clusters;
         self.table_moved = true;
@@ -211,10 +236,15 @@ impl Refcounts {
             s.table.push((self.table_offset, bytes));
         } else {
             for &i in &self.dirty_table_entries {
-                s.table.push((self.table_offset + i as u64 * 8, self.table[i].to_be_bytes().to_vec()));
+                s.table.push((
+                    self.table_offset + i as u64 * 8,
+                    self.table[i].to_be_bytes().to_vec(),
+                ));
             }
         }
-        s.table_entries = std::mem::take(&mut self.dirty_table_entries).into_iter().collect();
+        s.table_entries = std::mem::take(&mut self.dirty_table_entries)
+            .into_iter()
+            .collect();
         s
     }
 
@@ -224,11 +254,14 @@ impl Refcounts {
                 b.dirty = true;
             }
         }
-        self.dirty_table_entries.extend(s.table_entries.iter().copied());
+        self.dirty_table_entries
+            .extend(s.table_entries.iter().copied());
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.table_moved || !self.dirty_table_entries.is_empty() || self.blocks.values().any(|b| b.dirty)
+        self.table_moved
+            || !self.dirty_table_entries.is_empty()
+            || self.blocks.values().any(|b| b.dirty)
     }
 }
 
@@ -270,7 +303,11 @@ mod tests {
                 r.set_entry(&mut data, i, (i * 7919) & max);
             }
             for i in 0..n {
-                assert_eq!(r.get_entry(&data, i), (i * 7919) & max, "order {order} entry {i}");
+                assert_eq!(
+                    r.get_entry(&data, i),
+                    (i * 7919) & max,
+                    "order {order} entry {i}"
+                );
             }
             // Sub-byte widths pack least significant bit first (qcow2.rst).
             if order == 0 {
@@ -292,7 +329,11 @@ mod tests {
     fn new_blocks_reference_themselves_and_table_grows() {
         let cs = 512u64;
         // Table of one cluster (64 entries), each block covers 256 clusters (16-bit).
-        let mut io = FakeIo { next: 5 * cs, cs, allocated: vec![] };
+        let mut io = FakeIo {
+            next: 5 * cs,
+            cs,
+            allocated: vec![],
+        };
         let mut r = Refcounts::new(4, cs, vec![0; 64], cs, 1);
         r.adjust(4, 1, &mut io).unwrap();
         // A block was created at cluster 4*cs... it covers itself.
@@ -307,12 +348,20 @@ mod tests {
         assert_eq!(r.freed_after_header, vec![(cs, 1)]);
         assert_eq!(r.get(far, &mut io).unwrap(), 1);
         for c in io.allocated.clone() {
-            assert_eq!(r.get(c / cs, &mut io).unwrap(), 1, "allocated cluster {c} refcounted");
+            assert_eq!(
+                r.get(c / cs, &mut io).unwrap(),
+                1,
+                "allocated cluster {c} refcounted"
+            );
         }
         // Underflow and overflow are errors, not wraps.
         assert!(r.adjust(far, -2, &mut io).is_err());
         let mut one = Refcounts::new(0, cs, vec![0; 64], cs, 1);
-        let mut io1 = FakeIo { next: 8 * cs, cs, allocated: vec![] };
+        let mut io1 = FakeIo {
+            next: 8 * cs,
+            cs,
+            allocated: vec![],
+        };
         one.adjust(9, 1, &mut io1).unwrap();
         assert!(one.adjust(9, 1, &mut io1).is_err());
     }
@@ -320,7 +369,11 @@ mod tests {
     #[test]
     fn snapshot_and_restore() {
         let cs = 512u64;
-        let mut io = FakeIo { next: 4 * cs, cs, allocated: vec![] };
+        let mut io = FakeIo {
+            next: 4 * cs,
+            cs,
+            allocated: vec![],
+        };
         let mut r = Refcounts::new(4, cs, vec![0; 64], cs, 1);
         r.adjust(5, 1, &mut io).unwrap();
         assert!(r.is_dirty());

@@ -1,0 +1,630 @@
+//! A backing chain presented as one disk: guest reads resolve each range to the highest
+//! layer that has it; copy-on-read and guest writes go into the leaf (layer 0), serialized
+//! per leaf cluster (see `locks`). Streaming jobs reuse `populate`, the copy-on-read core.
+
+pub mod locks;
+pub mod open;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use self::locks::ClusterLocks;
+pub use self::open::{open_chain, Layer, MAX_CHAIN_DEPTH};
+use crate::format::qcow2::l2::ClusterState;
+use crate::format::qcow2::{NewCluster, Qcow2};
+use crate::format::{Image, Mapping, Status};
+use crate::{Error, Result};
+
+/// Granularity for locking and copying when the leaf is raw (it has no clusters).
+const RAW_LEAF_CLUSTER: u64 = 64 << 10;
+/// Largest buffer one copy-on-read or write batch builds.
+const MAX_BATCH: u64 = 8 << 20;
+
+/// How a leaf cluster must be filled by copy-on-read or streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Already defined by the leaf: nothing to copy.
+    Present,
+    /// No layer has anything: reads as zeros, stays unallocated.
+    Hole,
+    /// Reads as zeros because of zero clusters: becomes a zero cluster.
+    Zero,
+    /// Has data below: copy the cluster's contents.
+    Data,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    /// Bytes copied into the leaf by copy-on-read and streaming.
+    pub copied: AtomicU64,
+    /// Guest requests in flight, and when the last one ended (ns since `epoch`).
+    pub guest_inflight: AtomicUsize,
+    pub guest_last_ns: AtomicU64,
+    /// Copy-on-read gave up because the leaf's file system is full (logged once).
+    pub cor_nospace: AtomicBool,
+}
+
+pub struct Chain {
+    name: String,
+    size: u64,
+    cluster_size: u64,
+    copy_on_read: bool,
+    read_only: bool,
+    layers: RwLock<Arc<Vec<Arc<Layer>>>>,
+    locks: ClusterLocks,
+    pub counters: Counters,
+    epoch: Instant,
+}
+
+/// Marks a guest request in flight for the stream workers' back-off.
+pub struct GuestIo<'a>(&'a Chain);
+
+impl Drop for GuestIo<'_> {
+    fn drop(&mut self) {
+        let c = &self.0.counters;
+        c.guest_last_ns.store(self.0.now_ns(), Ordering::Relaxed);
+        c.guest_inflight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Chain {
+    /// Opens the chain whose leaf is `leaf`, shown as `name`.
+    pub fn open(name: &str, leaf: &Path, read_only: bool, copy_on_read: bool) -> Result<Chain> {
+        let layers = open_chain(leaf, read_only)?;
+        let top = &layers[0].image;
+        let cluster_size = top
+            .as_qcow2()
+            .map_or(RAW_LEAF_CLUSTER, |q| q.cluster_size());
+        Ok(Chain {
+            name: name.to_string(),
+            size: top.size(),
+            cluster_size,
+            copy_on_read: copy_on_read
+                && !read_only
+                && top.as_qcow2().is_some()
+                && layers.len() > 1,
+            read_only,
+            layers: RwLock::new(Arc::new(layers)),
+            locks: ClusterLocks::default(),
+            counters: Counters::default(),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn copy_on_read(&self) -> bool {
+        self.copy_on_read
+    }
+    pub fn layers(&self) -> Arc<Vec<Arc<Layer>>> {
+        self.layers.read().clone()
+    }
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Registers a guest request until the returned guard drops.
+    pub fn guest_io(&self) -> GuestIo<'_> {
+        self.counters.guest_inflight.fetch_add(1, Ordering::Acquire);
+        GuestIo(self)
+    }
+
+    fn leaf_qcow2<'a>(&self, layers: &'a [Arc<Layer>]) -> Option<&'a Qcow2> {
+        layers[0].image.as_qcow2()
+    }
+
+    // ---- reading ----
+
+    /// Reads guest data at `off` into `buf`; returns the bytes read (short at EOF).
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if off >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - off) as usize;
+        let buf = &mut buf[..n];
+        let layers = self.layers();
+        if !self.copy_on_read || layers.len() == 1 {
+            read_layers(&layers, 0, off, buf)?;
+            return Ok(n);
+        }
+        // Serve what the leaf has; copy the rest into the leaf as it is read.
+        let leaf = &layers[0].image;
+        let mut done = 0usize;
+        while done < n {
+            let pos = off + done as u64;
+            let (m, run) = leaf.map(pos, (n - done) as u64)?;
+            let part = &mut buf[done..done + run as usize];
+            match m {
+                Mapping::Unallocated => {
+                    self.populate(&layers, pos, run, Some(part), None)?;
+                }
+                m => leaf.read_mapped(m, pos, part)?,
+            }
+            done += run as usize;
+        }
+        Ok(n)
+    }
+
+    /// Copies the leaf clusters covering [off, off+len) from the chain into the leaf
+    /// (those still missing there), and fills `out` (the guest's view of exactly that
+    /// range) if given. `stop_at` limits the source to layers above that index (a kept
+    /// stream base). Returns the bytes newly copied. A full leaf file system does not fail
+    /// a guest read: the data is then served from the backing images without copying.
+    pub fn populate(
+        &self,
+        layers: &[Arc<Layer>],
+        off: u64,
+        len: u64,
+        mut out: Option<&mut [u8]>,
+        stop_at: Option<usize>,
+    ) -> Result<u64> {
+        let cs = self.cluster_size;
+        let Some(leaf) = self.leaf_qcow2(layers) else {
+            if let Some(buf) = out {
+                read_layers(layers, 0, off, buf)?;
+            }
+            return Ok(0);
+        };
+        let first = off / cs;
+        let end = (off + len).div_ceil(cs);
+        let mut copied = 0;
+        let mut c = first;
+        while c < end {
+            let batch_end = end.min(c + (MAX_BATCH / cs).max(1));
+            let _guard = self.locks.lock(c, batch_end);
+            // Re-check under the lock: a guest write may have landed meanwhile.
+            let fills = self.classify(layers, leaf, c, batch_end, stop_at)?;
+            let start = c * cs;
+            let stop = (batch_end * cs).min(self.size.div_ceil(cs) * cs);
+            let mut data = vec![0u8; (stop - start) as usize];
+            let readable = (self.size.min(stop) - start) as usize;
+            if out.is_some() {
+                // The guest needs the chain's view of the whole batch anyway.
+                read_layers(layers, 0, start, &mut data[..readable])?;
+            } else {
+                // Streaming: read only the clusters that will be copied.
+                let mut i = 0;
+                while i < fills.len() {
+                    let mut j = i;
+                    while j < fills.len() && fills[j] == Fill::Data {
+                        j += 1;
+                    }
+                    if j > i {
+                        let (a, b) = (i * cs as usize, (j * cs as usize).min(readable));
+                        read_layers(layers, 0, start + a as u64, &mut data[a..b])?;
+                    }
+                    i = j.max(i + 1);
+                }
+            }
+            match self.install_fills(leaf, c, &fills, &data) {
+                Ok(n) => copied += n,
+                Err(e) if e.is_no_space() && out.is_some() => {
+                    if !self.counters.cor_nospace.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "{}: leaf file system full, copy-on-read paused: {e}",
+                            self.name
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if let Some(buf) = out.as_deref_mut() {
+                let lo = off.max(start);
+                let hi = (off + len).min(stop);
+                if lo < hi {
+                    buf[(lo - off) as usize..(hi - off) as usize]
+                        .copy_from_slice(&data[(lo - start) as usize..(hi - start) as usize]);
+                }
+            }
+            c = batch_end;
+        }
+        self.counters.copied.fetch_add(copied, Ordering::Relaxed);
+        Ok(copied)
+    }
+
+    /// Decides for each leaf cluster in [first, end) what copy-on-read must do.
+    fn classify(
+        &self,
+        layers: &[Arc<Layer>],
+        leaf: &Qcow2,
+        first: u64,
+        end: u64,
+        stop_at: Option<usize>,
+    ) -> Result<Vec<Fill>> {
+        let cs = self.cluster_size;
+        let below = stop_at.unwrap_or(layers.len());
+        let mut fills = Vec::with_capacity((end - first) as usize);
+        for c in first..end {
+            let state = leaf.cluster_state(c)?;
+            let fill = if state.fully_allocated() {
+                Fill::Present
+            } else if state != ClusterState::Unallocated {
+                Fill::Data // extended L2 with some subclusters missing: complete it
+            } else {
+                let start = c * cs;
+                let len = cs.min(self.size - start);
+                let mut fill = Fill::Hole;
+                let mut pos = start;
+                while pos < start + len {
+                    let (s, n) = chain_status(&layers[..below], 1, pos, start + len - pos)?;
+                    match s {
+                        Status::Data => {
+                            fill = Fill::Data;
+                            break;
+                        }
+                        Status::Zero => fill = Fill::Zero,
+                        Status::Unallocated => {}
+                    }
+                    pos += n;
+                }
+                fill
+            };
+            fills.push(fill);
+        }
+        Ok(fills)
+    }
+
+    /// Writes `data` (the guest view of the batch starting at cluster `first`) into the
+    /// leaf for the clusters that need it. Consecutive data clusters share one allocation
+    /// and one write. Returns the bytes copied.
+    fn install_fills(&self, leaf: &Qcow2, first: u64, fills: &[Fill], data: &[u8]) -> Result<u64> {
+        let cs = self.cluster_size as usize;
+        let zero_ok = leaf.version() >= 3;
+        let mut copied = 0;
+        let mut i = 0;
+        while i < fills.len() {
+            let fill = match fills[i] {
+                Fill::Zero if !zero_ok => Fill::Data,
+                f => f,
+            };
+            let mut j = i + 1;
+            while j < fills.len() && fills[j] == fills[i] {
+                j += 1;
+            }
+            match fill {
+                Fill::Present | Fill::Hole => {}
+                Fill::Zero => {
+                    leaf.set_clusters(first + i as u64, &vec![NewCluster::Zero; j - i])?
+                }
+                Fill::Data => {
+                    let bytes = &data[i * cs..(j * cs).min(data.len())];
+                    self.write_new_clusters(leaf, first + i as u64, (j - i) as u64, bytes)?;
+                    copied += bytes.len() as u64;
+                }
+            }
+            i = j;
+        }
+        Ok(copied)
+    }
+
+    /// Allocates `n` fresh clusters for guest clusters starting at `first`, writes
+    /// `bytes` (zero padded to whole clusters) and points the L2 entries at them.
+    fn write_new_clusters(&self, leaf: &Qcow2, first: u64, n: u64, bytes: &[u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        let host = leaf.allocate(n)?;
+        if bytes.len() as u64 == n * cs {
+            leaf.pwrite(host, bytes)?;
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize((n * cs) as usize, 0);
+            leaf.pwrite(host, &padded)?;
+        }
+        let states: Vec<NewCluster> = (0..n)
+            .map(|k| NewCluster::Data {
+                host: host + k * cs,
+                fresh: true,
+            })
+            .collect();
+        leaf.set_clusters(first, &states)
+    }
+
+    // ---- writing ----
+
+    fn check_write(&self, off: u64, len: u64) -> Result<u64> {
+        if self.read_only {
+            return Err(Error::state(
+                libc::EROFS,
+                format!("{} is mounted read-only", self.name),
+            ));
+        }
+        if off >= self.size && len > 0 {
+            return Err(Error::state(
+                libc::ENOSPC,
+                "write beyond the end of the disk",
+            ));
+        }
+        Ok(len.min(self.size - off))
+    }
+
+    /// Writes guest data; returns the bytes written (short only at the end of the disk).
+    pub fn write(&self, off: u64, data: &[u8]) -> Result<usize> {
+        let n = self.check_write(off, data.len() as u64)? as usize;
+        let data = &data[..n];
+        let layers = self.layers();
+        let leaf_image = &layers[0].image;
+        let Some(leaf) = self.leaf_qcow2(&layers) else {
+            if let Image::Raw(r) = leaf_image {
+                r.write(off, data)?;
+            }
+            return Ok(n);
+        };
+        let cs = self.cluster_size;
+        let mut done = 0usize;
+        while done < n {
+            let pos = off + done as u64;
+            let (m, run) = leaf.map(pos, (n - done) as u64)?;
+            let run = run as usize;
+            if let Mapping::Data { host } = m {
+                // Allocated: overwrite in place, no lock (see locks.rs).
+                leaf.pwrite(host, &data[done..done + run])?;
+                done += run;
+                continue;
+            }
+            // Needs allocation or a state change: whole clusters, under their locks.
+            let first = pos / cs;
+            let end = (pos + run as u64)
+                .div_ceil(cs)
+                .min(first + (MAX_BATCH / cs).max(1));
+            let upto = ((end * cs).min(off + n as u64) - off) as usize;
+            self.write_locked(&layers, leaf, first, end, pos, &data[done..upto])?;
+            done = upto;
+        }
+        Ok(n)
+    }
+
+    /// Writes `data` at guest offset `pos` into clusters [first, end) that were not plain
+    /// allocated data when looked at: under the lock, completes each cluster with the
+    /// chain's data (copy-on-write), then allocates or reuses its host cluster.
+    fn write_locked(
+        &self,
+        layers: &[Arc<Layer>],
+        leaf: &Qcow2,
+        first: u64,
+        end: u64,
+        pos: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let cs = self.cluster_size;
+        let _guard = self.locks.lock(first, end);
+        let start = first * cs;
+        let stop = end * cs;
+        let mut buf = vec![0u8; (stop - start) as usize];
+        // Old contents only for the partly covered first and last clusters.
+        let head = pos - start;
+        let tail_from = pos + data.len() as u64;
+        let read_cluster = |c: u64, buf: &mut [u8]| -> Result<()> {
+            let (a, b) = (c * cs, (c * cs + cs).min(self.size));
+            if a < b {
+                read_layers(
+                    layers,
+                    0,
+                    a,
+                    &mut buf[(a - start) as usize..(b - start) as usize],
+                )?;
+            }
+            Ok(())
+        };
+        if head > 0 {
+            read_cluster(first, &mut buf)?;
+        }
+        if tail_from < stop && !(head > 0 && end - 1 == first) {
+            read_cluster(end - 1, &mut buf)?;
+        }
+        buf[head as usize..head as usize + data.len()].copy_from_slice(data);
+
+        // Group clusters: already-allocated data (a racing writer got there first) is
+        // written in place; reusable host clusters (preallocated zero, partial extended
+        // L2) in place then flipped to data; the rest into fresh clusters.
+        let mut c = first;
+        while c < end {
+            let state = leaf.cluster_state(c)?;
+            let lo = ((c * cs).max(pos) - start) as usize;
+            let hi = ((c * cs + cs).min(tail_from) - start) as usize;
+            let cbuf = &buf[((c - first) * cs) as usize..((c - first + 1) * cs) as usize];
+            match state {
+                ClusterState::Data { host, .. } => {
+                    leaf.pwrite(host + (lo as u64 - (c - first) * cs), &buf[lo..hi])?;
+                    c += 1;
+                }
+                ClusterState::Zero { host } | ClusterState::Mixed { host, .. } if host != 0 => {
+                    leaf.pwrite(host, cbuf)?;
+                    leaf.set_clusters(c, &[NewCluster::Data { host, fresh: false }])?;
+                    c += 1;
+                }
+                _ => {
+                    // Run of clusters needing fresh space.
+                    let mut e = c + 1;
+                    while e < end {
+                        match leaf.cluster_state(e)? {
+                            ClusterState::Unallocated
+                            | ClusterState::Compressed { .. }
+                            | ClusterState::Zero { host: 0 } => e += 1,
+                            ClusterState::Mixed { host: 0, .. } => e += 1,
+                            _ => break,
+                        }
+                    }
+                    let bytes = &buf[((c - first) * cs) as usize..((e - first) * cs) as usize];
+                    self.write_new_clusters(leaf, c, e - c, bytes)?;
+                    c = e;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes [off, off+len) read as zeros, hiding backing data (fallocate PUNCH_HOLE and
+    /// ZERO_RANGE). Whole clusters become zero clusters on a v3 leaf; partial ones (and a
+    /// v2 leaf, which has no zero clusters) get zeros written.
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        let len = self.check_write(off, len)?;
+        let layers = self.layers();
+        let Some(leaf) = self.leaf_qcow2(&layers) else {
+            if let Image::Raw(r) = &layers[0].image {
+                r.zero(off, len)?;
+            }
+            return Ok(());
+        };
+        let cs = self.cluster_size;
+        let end = off + len;
+        let (first_full, end_full) = if leaf.version() >= 3 {
+            let a = off.div_ceil(cs);
+            // A tail cluster cut by the end of the disk counts as whole.
+            let b = if end == self.size {
+                end.div_ceil(cs)
+            } else {
+                end / cs
+            };
+            (a, b.max(a))
+        } else {
+            (end.div_ceil(cs), end.div_ceil(cs))
+        };
+        let zeros_upto = |from: u64, to: u64| -> Result<()> {
+            let zeros = vec![0u8; MAX_BATCH.min(to.saturating_sub(from)) as usize];
+            let mut p = from;
+            while p < to {
+                let k = (to - p).min(zeros.len() as u64) as usize;
+                self.write(p, &zeros[..k])?;
+                p += k as u64;
+            }
+            Ok(())
+        };
+        if first_full >= end_full {
+            return zeros_upto(off, end);
+        }
+        zeros_upto(off, first_full * cs)?;
+        let mut c = first_full;
+        while c < end_full {
+            let e = end_full.min(c + (MAX_BATCH / cs).max(64));
+            let _guard = self.locks.lock(c, e);
+            leaf.set_clusters(c, &vec![NewCluster::Zero; (e - c) as usize])?;
+            c = e;
+        }
+        zeros_upto((end_full * cs).min(end), end)
+    }
+
+    /// Makes every acknowledged write durable (fsync on the raw file).
+    pub fn flush(&self) -> Result<()> {
+        let layers = self.layers();
+        match &layers[0].image {
+            Image::Qcow2(q) => q.flush(),
+            other => other.flush(),
+        }
+    }
+
+    /// Flushes everything, including released refcounts (unmount).
+    pub fn flush_all(&self) -> Result<()> {
+        self.layers()[0].image.flush()
+    }
+
+    // ---- allocation status ----
+
+    /// lseek(SEEK_DATA / SEEK_HOLE) over the whole chain: data wherever the layer that
+    /// answers for a byte has data; zero clusters and unallocated ranges are holes.
+    pub fn seek(&self, off: u64, data: bool) -> Result<Option<u64>> {
+        if off >= self.size {
+            return Ok(None);
+        }
+        let layers = self.layers();
+        let mut pos = off;
+        while pos < self.size {
+            let (s, n) = chain_status(&layers, 0, pos, self.size - pos)?;
+            if (s == Status::Data) == data {
+                return Ok(Some(pos));
+            }
+            pos += n;
+        }
+        Ok(if data { None } else { Some(self.size) })
+    }
+
+    /// Bytes of the disk defined by the leaf itself (data or zero clusters).
+    pub fn leaf_bytes(&self) -> Result<u64> {
+        let layers = self.layers();
+        let leaf = &layers[0].image;
+        if layers.len() == 1 {
+            return Ok(self.size);
+        }
+        let mut pos = 0;
+        let mut total = 0;
+        while pos < self.size {
+            let (s, n) = leaf.status(pos, self.size - pos)?;
+            if s != Status::Unallocated {
+                total += n;
+            }
+            pos += n;
+        }
+        Ok(total)
+    }
+
+    /// Replaces the layer list (after a stream removed backing layers).
+    pub fn set_layers(&self, layers: Vec<Arc<Layer>>) {
+        *self.layers.write() = Arc::new(layers);
+    }
+
+    /// Serializes with guest writes on clusters [first, end) (used by streaming).
+    pub fn lock_clusters(&self, first: u64, end: u64) -> locks::RangeGuard<'_> {
+        self.locks.lock(first, end)
+    }
+}
+
+/// Reads `buf` at guest offset `off` from layers[idx..]: each range from the first layer
+/// that has it; past a layer's end (a smaller backing file) or below the bottom, zeros.
+pub fn read_layers(layers: &[Arc<Layer>], idx: usize, off: u64, buf: &mut [u8]) -> Result<()> {
+    let Some(layer) = layers.get(idx) else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let img = &layer.image;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = off + done as u64;
+        if pos >= img.size() {
+            buf[done..].fill(0);
+            return Ok(());
+        }
+        let want = ((buf.len() - done) as u64).min(img.size() - pos);
+        let (m, run) = img.map(pos, want)?;
+        let part = &mut buf[done..done + run as usize];
+        match m {
+            Mapping::Unallocated => read_layers(layers, idx + 1, pos, part)?,
+            m => img.read_mapped(m, pos, part)?,
+        }
+        done += run as usize;
+    }
+    Ok(())
+}
+
+/// The allocation status of the chain layers[idx..] at `off`, and for how many bytes it
+/// holds: resolved through unallocated ranges to the layer that answers.
+pub fn chain_status(
+    layers: &[Arc<Layer>],
+    idx: usize,
+    off: u64,
+    len: u64,
+) -> Result<(Status, u64)> {
+    let Some(layer) = layers.get(idx) else {
+        return Ok((Status::Unallocated, len));
+    };
+    let img = &layer.image;
+    if off >= img.size() {
+        return Ok((Status::Unallocated, len));
+    }
+    let (s, n) = img.status(off, len.min(img.size() - off))?;
+    if s == Status::Unallocated {
+        return chain_status(layers, idx + 1, off, n);
+    }
+    Ok((s, n))
+}

@@ -1,0 +1,384 @@
+//! The `.control` file protocol: parsing commands written to it and rendering the status
+//! read from it. Pure functions; the file system layer feeds bytes in and out.
+//!
+//! Commands (one per write, trailing newline optional):
+//!     start NAME [base=BACKING] [speed=BYTES] [offset=BYTES] [length=BYTES]
+//!     cancel NAME | pause NAME | resume NAME | speed NAME BYTES
+//! Status: one line per chain, `NAME key=value ...`, values without spaces except the
+//! quoted `error="..."`.
+
+use std::collections::BTreeMap;
+
+use crate::{Error, Result};
+
+/// Largest command accepted in one write.
+pub const MAX_COMMAND: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Start {
+        name: String,
+        base: Option<String>,
+        speed: Option<u64>,
+        offset: Option<u64>,
+        length: Option<u64>,
+    },
+    Cancel(String),
+    Pause(String),
+    Resume(String),
+    Speed(String, u64),
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error::Invalid(msg.into()))
+}
+
+/// Parses a byte count with an optional K, M, G or T suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return invalid(format!("bad size suffix in '{s}' (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return invalid(format!("bad number '{s}'"));
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|v| v.checked_mul(mult))
+        .ok_or_else(|| Error::Invalid(format!("number '{s}' is too large")))
+}
+
+pub fn parse_command(input: &[u8]) -> Result<Command> {
+    if input.len() > MAX_COMMAND {
+        return invalid(format!("command longer than {MAX_COMMAND} bytes"));
+    }
+    let text =
+        std::str::from_utf8(input).map_err(|_| Error::Invalid("command is not text".into()))?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.chars().any(|c| c.is_control() && c != '\t') {
+        return invalid("command contains control characters (one command per write)");
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let Some((&verb, args)) = words.split_first() else {
+        return invalid("empty command");
+    };
+    let one_name = |args: &[&str]| -> Result<String> {
+        match args {
+            [name] => Ok(name.to_string()),
+            _ => invalid(format!("'{verb}' takes exactly one NAME")),
+        }
+    };
+    match verb {
+        "start" => {
+            let Some((&name, opts)) = args.split_first() else {
+                return invalid("'start' needs a NAME");
+            };
+            if name.contains('=') {
+                return invalid("'start' needs a NAME before its options");
+            }
+            let mut cmd = (None, None, None, None);
+            for opt in opts {
+                let Some((k, v)) = opt.split_once('=') else {
+                    return invalid(format!("bad option '{opt}' (expected key=value)"));
+                };
+                let slot_taken = match k {
+                    "base" if !v.is_empty() => cmd.0.replace(v.to_string()).is_some(),
+                    "speed" => cmd.1.replace(parse_bytes(v)?).is_some(),
+                    "offset" => cmd.2.replace(parse_bytes(v)?).is_some(),
+                    "length" => cmd.3.replace(parse_bytes(v)?).is_some(),
+                    _ => return invalid(format!("unknown option '{opt}'")),
+                };
+                if slot_taken {
+                    return invalid(format!("option '{k}' given twice"));
+                }
+            }
+            if cmd.3 == Some(0) {
+                return invalid("length must be greater than 0");
+            }
+            Ok(Command::Start {
+                name: name.to_string(),
+                base: cmd.0,
+                speed: cmd.1,
+                offset: cmd.2,
+                length: cmd.3,
+            })
+        }
+        "cancel" => Ok(Command::Cancel(one_name(args)?)),
+        "pause" => Ok(Command::Pause(one_name(args)?)),
+        "resume" => Ok(Command::Resume(one_name(args)?)),
+        "speed" => match args {
+            [name, bytes] => Ok(Command::Speed(name.to_string(), parse_bytes(bytes)?)),
+            _ => invalid("usage: speed NAME BYTES"),
+        },
+        _ => invalid(format!("unknown command '{verb}'")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Idle,
+    Running,
+    Paused,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Idle => "idle",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Completed => "completed",
+            JobState::Cancelled => "cancelled",
+            JobState::Failed => "failed",
+        }
+    }
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Running | JobState::Paused)
+    }
+}
+
+/// One chain's line in the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusLine {
+    pub name: String,
+    pub state: JobState,
+    pub offset: u64,
+    pub len: u64,
+    pub copied: u64,
+    pub rate: u64,
+    pub eta: u64,
+    pub speed: u64,
+    pub base: Option<String>,
+    pub error: Option<String>,
+    /// Images in the chain, and bytes of the disk the leaf defines itself.
+    pub layers: usize,
+    pub leaf_bytes: u64,
+}
+
+fn quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => q.push_str("\\\""),
+            '\\' => q.push_str("\\\\"),
+            c if c.is_control() => q.push(' '),
+            c => q.push(c),
+        }
+    }
+    q.push('"');
+    q
+}
+
+pub fn render(lines: &[StatusLine]) -> String {
+    let mut out = String::new();
+    for l in lines {
+        out.push_str(&format!(
+            "{} state={} offset={} len={} copied={} rate={} eta={} speed={} base={} layers={} leaf={}",
+            l.name,
+            l.state.as_str(),
+            l.offset,
+            l.len,
+            l.copied,
+            l.rate,
+            l.eta,
+            l.speed,
+            l.base.as_deref().unwrap_or("-").replace(char::is_whitespace, "?"),
+            l.layers,
+            l.leaf_bytes,
+        ));
+        if let Some(e) = &l.error {
+            out.push_str(" error=");
+            out.push_str(&quote(e));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Parses status text back into (name, key -> value) lines (for the CLI).
+pub fn parse_status(text: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let mut rest = line.trim();
+        let Some((name, tail)) = rest.split_once(' ') else {
+            if !rest.is_empty() {
+                lines.push((rest.to_string(), BTreeMap::new()));
+            }
+            continue;
+        };
+        rest = tail;
+        let mut kv = BTreeMap::new();
+        while !rest.is_empty() {
+            rest = rest.trim_start();
+            let Some((k, after)) = rest.split_once('=') else {
+                break;
+            };
+            let (v, next) = if let Some(q) = after.strip_prefix('"') {
+                let mut v = String::new();
+                let mut chars = q.char_indices();
+                let mut end = q.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            if let Some((_, n)) = chars.next() {
+                                v.push(n);
+                            }
+                        }
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => v.push(c),
+                    }
+                }
+                (v, &q[end.min(q.len())..])
+            } else {
+                match after.split_once(' ') {
+                    Some((v, n)) => (v.to_string(), n),
+                    None => (after.to_string(), ""),
+                }
+            };
+            kv.insert(k.to_string(), v);
+            rest = next;
+        }
+        lines.push((name.to_string(), kv));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_with_suffixes() {
+        assert_eq!(parse_bytes("0").unwrap(), 0);
+        assert_eq!(parse_bytes("512").unwrap(), 512);
+        assert_eq!(parse_bytes("4K").unwrap(), 4096);
+        assert_eq!(parse_bytes("10M").unwrap(), 10 << 20);
+        assert_eq!(parse_bytes("2g").unwrap(), 2 << 30);
+        for bad in [
+            "",
+            "K",
+            "-1",
+            "1.5M",
+            "10X",
+            "10MB",
+            "abc",
+            " 1",
+            "99999999999999999999",
+            "16777216T",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn commands() {
+        assert_eq!(
+            parse_command(b"start vm1.raw\n").unwrap(),
+            Command::Start {
+                name: "vm1.raw".into(),
+                base: None,
+                speed: None,
+                offset: None,
+                length: None
+            }
+        );
+        assert_eq!(
+            parse_command(b"start vm1.raw base=base.qcow2 speed=1M offset=64K length=1G").unwrap(),
+            Command::Start {
+                name: "vm1.raw".into(),
+                base: Some("base.qcow2".into()),
+                speed: Some(1 << 20),
+                offset: Some(65536),
+                length: Some(1 << 30)
+            }
+        );
+        assert_eq!(
+            parse_command(b"cancel a").unwrap(),
+            Command::Cancel("a".into())
+        );
+        assert_eq!(
+            parse_command(b"pause a\r\n").unwrap(),
+            Command::Pause("a".into())
+        );
+        assert_eq!(
+            parse_command(b"resume a").unwrap(),
+            Command::Resume("a".into())
+        );
+        assert_eq!(
+            parse_command(b"speed a 0").unwrap(),
+            Command::Speed("a".into(), 0)
+        );
+    }
+
+    #[test]
+    fn malformed_commands_are_invalid() {
+        let bad: &[&[u8]] = &[
+            b"",
+            b"\n",
+            b"frobnicate x",
+            b"start",
+            b"start base=x",
+            b"start a bogus",
+            b"start a speed=fast",
+            b"start a colour=red",
+            b"start a speed=1 speed=2",
+            b"start a length=0",
+            b"cancel",
+            b"cancel a b",
+            b"speed a",
+            b"speed a 1Q",
+            b"start a\nstart b",
+            b"\xff\xfe\x00binary",
+            b"start a\0",
+        ];
+        for b in bad {
+            let e = parse_command(b).unwrap_err();
+            assert_eq!(e.errno(), libc::EINVAL, "{:?}", String::from_utf8_lossy(b));
+        }
+        assert!(parse_command(&vec![b'a'; MAX_COMMAND + 1]).is_err());
+    }
+
+    #[test]
+    fn render_and_parse_back() {
+        let line = StatusLine {
+            name: "vm1.raw".into(),
+            state: JobState::Failed,
+            offset: 65536,
+            len: 1 << 20,
+            copied: 4096,
+            rate: 100,
+            eta: 3,
+            speed: 0,
+            base: None,
+            error: Some("read failed: \"base\" at 42\nbad".into()),
+            layers: 3,
+            leaf_bytes: 8192,
+        };
+        let text = render(&[line.clone()]);
+        assert!(text.starts_with("vm1.raw state=failed offset=65536 len=1048576 copied=4096 rate=100 eta=3 speed=0 base=- "));
+        let parsed = parse_status(&text);
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].0, "vm1.raw");
+        assert_eq!(parsed[0].1["state"], "failed");
+        assert_eq!(parsed[0].1["error"], "read failed: \"base\" at 42 bad");
+        assert_eq!(parsed[0].1["leaf"], "8192");
+    }
+}
