@@ -13,7 +13,7 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use self::locks::ClusterLocks;
-pub use self::open::{open_chain, Layer, MAX_CHAIN_DEPTH};
+pub use self::open::{open_chain, reopen_backing, Layer, MAX_CHAIN_DEPTH};
 use crate::format::qcow2::l2::ClusterState;
 use crate::format::qcow2::{NewCluster, Qcow2};
 use crate::format::{Image, Mapping, Status};
@@ -553,20 +553,22 @@ impl Chain {
     /// Bytes of the disk defined by the leaf itself (data or zero clusters).
     pub fn leaf_bytes(&self) -> Result<u64> {
         let layers = self.layers();
-        let leaf = &layers[0].image;
-        if layers.len() == 1 {
-            return Ok(self.size);
+        match layers[0].image.as_qcow2() {
+            Some(q) if layers.len() > 1 => q.defined_bytes(),
+            _ => Ok(self.size),
         }
-        let mut pos = 0;
-        let mut total = 0;
-        while pos < self.size {
-            let (s, n) = leaf.status(pos, self.size - pos)?;
-            if s != Status::Unallocated {
-                total += n;
-            }
-            pos += n;
+    }
+
+    /// Reopens the backing images if any was removed or replaced since it was opened
+    /// (so a restored file is used again). Errors if the chain cannot be opened now.
+    pub fn refresh_backing(&self) -> Result<()> {
+        let layers = self.layers();
+        if let Some(why) = layers[1..].iter().find_map(|l| l.replaced()) {
+            log::info!("{}: {why}; reopening the backing chain", self.name);
+            let fresh = reopen_backing(layers[0].clone())?;
+            self.set_layers(fresh);
         }
-        Ok(total)
+        Ok(())
     }
 
     /// Replaces the layer list (after a stream removed backing layers).

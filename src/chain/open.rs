@@ -19,67 +19,109 @@ pub struct Layer {
     pub image: Image,
     /// As named by the image above (or the path given on the command line for the leaf).
     pub name: String,
+    /// Identity of the file when opened, to notice it being removed or replaced.
+    id: (u64, u64),
+}
+
+impl Layer {
+    /// Why the file at the layer's path is no longer the one we opened, if it is not.
+    pub fn replaced(&self) -> Option<String> {
+        let p = self.image.path();
+        match std::fs::metadata(p) {
+            Err(e) => Some(format!("{} is gone: {e}", p.display())),
+            Ok(m) if (m.dev(), m.ino()) != self.id => Some(format!("{} was replaced", p.display())),
+            Ok(_) => None,
+        }
+    }
+}
+
+fn open_layer(
+    path: &Path,
+    name: &str,
+    format: Option<Format>,
+    writable: bool,
+    above: Option<&Layer>,
+) -> Result<Layer> {
+    let meta = std::fs::metadata(path).map_err(|e| match above {
+        Some(above) => Error::io(
+            path,
+            format!(
+                "backing file '{name}' of {} cannot be opened",
+                above.image.path().display()
+            ),
+            e,
+        ),
+        None => Error::io(path, "cannot open image", e),
+    })?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(Error::Invalid(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    let fmt = match format {
+        Some(f) => f,
+        None => Format::probe(path)?,
+    };
+    let image = Image::open(path, fmt, writable)?;
+    Ok(Layer {
+        image,
+        name: name.to_string(),
+        id: (meta.dev(), meta.ino()),
+    })
 }
 
 /// Opens `leaf` and its backing images. The leaf is opened read-write unless `read_only`;
 /// backing images are always read-only.
 pub fn open_chain(leaf: &Path, read_only: bool) -> Result<Vec<Arc<Layer>>> {
-    let mut layers: Vec<Arc<Layer>> = Vec::new();
-    let mut seen = HashSet::new();
-    let mut path = leaf.to_path_buf();
-    let mut name = leaf.display().to_string();
-    let mut format = None;
+    let top = open_layer(leaf, &leaf.display().to_string(), None, !read_only, None)?;
+    let mut layers = vec![Arc::new(top)];
+    extend_chain(&mut layers)?;
+    Ok(layers)
+}
+
+/// Opens the backing chain below an already open leaf afresh (after a backing file was
+/// replaced or restored).
+pub fn reopen_backing(leaf: Arc<Layer>) -> Result<Vec<Arc<Layer>>> {
+    let mut layers = vec![leaf];
+    extend_chain(&mut layers)?;
+    Ok(layers)
+}
+
+/// Follows backing links from the last layer down to the bottom of the chain.
+fn extend_chain(layers: &mut Vec<Arc<Layer>>) -> Result<()> {
+    let mut seen: HashSet<(u64, u64)> = layers.iter().map(|l| l.id).collect();
     loop {
-        let meta = std::fs::metadata(&path).map_err(|e| match layers.last() {
-            Some(above) => Error::io(
-                &path,
-                format!(
-                    "backing file '{name}' of {} cannot be opened",
-                    above.image.path().display()
-                ),
-                e,
-            ),
-            None => Error::io(&path, "cannot open image", e),
-        })?;
-        if !meta.is_file() && !meta.file_type().is_block_device() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
-        }
-        if !seen.insert((meta.dev(), meta.ino())) {
-            return Err(Error::corrupt(
-                &path,
-                format!("backing chain loops back to this image (via '{name}')"),
-            ));
-        }
+        let last = layers.last().expect("at least the leaf");
+        let Some((bname, bfmt)) = last.image.backing() else {
+            return Ok(());
+        };
+        let above = last.image.path();
+        let path = resolve_backing(above, &bname)?;
         if layers.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::unsupported(
-                leaf,
+                layers[0].image.path(),
                 format!("backing chain deeper than {MAX_CHAIN_DEPTH} images"),
             ));
         }
-        let fmt = match format {
-            Some(f) => f,
-            None => Format::probe(&path)?,
-        };
-        let writable = layers.is_empty() && !read_only;
-        let image = Image::open(&path, fmt, writable)?;
-        let backing = image.backing();
-        layers.push(Arc::new(Layer {
-            image,
-            name: name.clone(),
-        }));
-        let Some((bname, bfmt)) = backing else {
-            return Ok(layers);
-        };
-        let next = resolve_backing(&path, &bname)?;
-        format = match bfmt {
-            Some(f) => Some(Format::from_name(&path, &f)?),
+        let format = match bfmt {
+            Some(f) => Some(Format::from_name(above, &f)?),
             None => None,
         };
-        path = next;
-        name = bname;
+        if let Ok(m) = std::fs::metadata(&path) {
+            if seen.contains(&(m.dev(), m.ino())) {
+                return Err(Error::corrupt(
+                    &path,
+                    format!(
+                        "backing chain loops back to this image (named '{bname}' by {})",
+                        above.display()
+                    ),
+                ));
+            }
+        }
+        let layer = open_layer(&path, &bname, format, false, Some(last))?;
+        seen.insert(layer.id);
+        layers.push(Arc::new(layer));
     }
 }
 

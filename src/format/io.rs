@@ -11,13 +11,14 @@ use crate::{Error, Result};
 
 /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros,
 /// as QEMU's file driver does for images whose last cluster is not fully written.
-pub fn pread_zero_tail(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+/// Returns how many bytes came from the file.
+pub fn pread_zero_tail(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
             Ok(0) => {
                 buf[done..].fill(0);
-                return Ok(());
+                return Ok(done);
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -30,7 +31,17 @@ pub fn pread_zero_tail(file: &File, path: &Path, buf: &mut [u8], offset: u64) ->
             }
         }
     }
-    Ok(())
+    Ok(done)
+}
+
+/// An error for data that should exist but lies past the end of the file: the image
+/// was truncated (or replaced) underneath us. Never read such data as zeros.
+pub fn vanished(path: &Path, offset: u64) -> Error {
+    Error::io(
+        path,
+        format!("data at offset {offset} is beyond the end of the file (truncated underneath?)"),
+        io::Error::from_raw_os_error(libc::EIO),
+    )
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`; a short file is a corrupt image.

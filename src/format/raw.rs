@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::io::{file_len, pread_zero_tail, pwrite_all, seek_data, seek_hole};
+use super::io::{file_len, pread_zero_tail, pwrite_all, seek_data, seek_hole, vanished};
 use crate::{Error, Result};
 
 pub struct RawImage {
@@ -41,8 +41,15 @@ impl RawImage {
         self.writable
     }
 
+    /// Reads at `off`; the image's size was fixed at open, so a short read inside it
+    /// means the file shrank underneath us: an error, never zeros.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        pread_zero_tail(&self.file, &self.path, buf, off)
+        let n = pread_zero_tail(&self.file, &self.path, buf, off)?;
+        let expected = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
+        if n < expected {
+            return Err(vanished(&self.path, off + n as u64));
+        }
+        Ok(())
     }
 
     pub fn write(&self, off: u64, buf: &[u8]) -> Result<()> {

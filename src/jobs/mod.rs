@@ -142,6 +142,13 @@ impl Job {
 
     fn worker(self: Arc<Self>) {
         while self.checkpoint() {
+            // A backing file removed or replaced underneath (the local equivalent of a
+            // stale NFS handle) fails the job rather than streaming from a ghost.
+            let source = &self.layers[1..self.base.unwrap_or(self.layers.len())];
+            if let Some(why) = source.iter().find_map(|l| l.replaced()) {
+                self.fail(why);
+                break;
+            }
             let busy = self.yield_to_guest();
             let Some((a, b)) = self.claim(if busy { CHUNK_BUSY } else { CHUNK_IDLE }) else {
                 break;
@@ -383,6 +390,7 @@ impl Jobs {
                 format!("'{name}' is mounted read-only"),
             ));
         }
+        chain.refresh_backing()?;
         let layers = chain.layers();
         let base_index = match base {
             None => None,

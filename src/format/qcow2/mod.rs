@@ -30,7 +30,7 @@ use parking_lot::{Mutex, RwLock};
 use self::header::{Compression, Header, HeaderError};
 use self::l2::{decode_l1, ClusterState, Geometry, SubState, COPIED};
 use self::refcount::{RefIo, RefSnapshot, Refcounts};
-use super::io::{fdatasync, file_len, pread_exact, pread_zero_tail, pwrite_all};
+use super::io::{fdatasync, file_len, pread_exact, pread_zero_tail, pwrite_all, vanished};
 use super::Mapping;
 use crate::{Error, Result};
 
@@ -119,6 +119,10 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     flush_lock: Mutex<()>,
     decompressed: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Data was written since the last fdatasync.
+    unsynced: AtomicBool,
+    /// Guest bytes this image defines itself (data or zero), once counted.
+    defined: Mutex<Option<u64>>,
 }
 
 /// The refcount module's view of the file: block loads and end-of-file allocation.
@@ -162,6 +166,18 @@ fn header_err(path: &Path, e: HeaderError) -> Error {
     match e {
         HeaderError::Corrupt(m) => Error::corrupt(path, m),
         HeaderError::Unsupported(m) => Error::unsupported(path, m),
+    }
+}
+
+impl Snapshot {
+    fn is_empty(&self) -> bool {
+        self.refs.blocks.is_empty()
+            && self.refs.table.is_empty()
+            && self.header.is_none()
+            && self.l2.is_empty()
+            && self.l1.is_empty()
+            && self.decref.is_empty()
+            && self.freed_after_header.is_empty()
     }
 }
 
@@ -241,6 +257,8 @@ impl Qcow2 {
             header: Mutex::new(header.clone()),
             flush_lock: Mutex::new(()),
             decompressed: Mutex::new(LruCache::new(NonZeroUsize::new(dc_cap).expect("nonzero"))),
+            unsynced: AtomicBool::new(false),
+            defined: Mutex::new(None),
             file,
         };
         if writable && header.autoclear_features != 0 {
@@ -386,7 +404,13 @@ impl Qcow2 {
     pub fn read_mapped(&self, m: Mapping, off: u64, buf: &mut [u8]) -> Result<()> {
         match m {
             Mapping::Zero | Mapping::Unallocated => buf.fill(0),
-            Mapping::Data { host } => pread_zero_tail(&self.file, &self.path, buf, host)?,
+            Mapping::Data { host } => {
+                // A short tail is normal (QEMU may leave a last cluster unwritten), but
+                // no byte at all means the file shrank under us.
+                if pread_zero_tail(&self.file, &self.path, buf, host)? == 0 && !buf.is_empty() {
+                    return Err(vanished(&self.path, host));
+                }
+            }
             Mapping::Compressed {
                 host,
                 len,
@@ -405,7 +429,9 @@ impl Qcow2 {
             return Ok(d.clone());
         }
         let mut input = vec![0u8; len as usize];
-        pread_zero_tail(&self.file, &self.path, &mut input, host)?;
+        if pread_zero_tail(&self.file, &self.path, &mut input, host)? == 0 {
+            return Err(vanished(&self.path, host));
+        }
         let mut out = vec![0u8; self.geo.cluster_size() as usize];
         compress::decompress(self.compression, &input, &mut out).map_err(|m| {
             self.corrupt(format!("compressed cluster at host offset {host:#x}: {m}"))
@@ -478,11 +504,8 @@ impl Qcow2 {
     }
 
     pub fn pwrite(&self, host: u64, buf: &[u8]) -> Result<()> {
+        self.unsynced.store(true, Ordering::Release);
         pwrite_all(&self.file, &self.path, buf, host, "guest data")
-    }
-
-    pub fn pread(&self, host: u64, buf: &mut [u8]) -> Result<()> {
-        pread_zero_tail(&self.file, &self.path, buf, host)
     }
 
     /// Installs new states for guest clusters `first..first+states.len()`. The caller
@@ -551,12 +574,53 @@ impl Qcow2 {
             if w == 2 {
                 words[idx + 1] = bitmap;
             }
+            if let Some(d) = self.defined.lock().as_mut() {
+                *d += cs - self.defined_in(old);
+            }
         }
         drop(words);
         for table in tables {
             table.dirty.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Bytes of one cluster that a state defines (all of them unless subclusters fall through).
+    fn defined_in(&self, st: ClusterState) -> u64 {
+        match st {
+            ClusterState::Unallocated => 0,
+            ClusterState::Mixed { alloc, zero, .. } => {
+                (alloc | zero).count_ones() as u64 * self.geo.subcluster_size()
+            }
+            _ => self.geo.cluster_size(),
+        }
+    }
+
+    /// Guest bytes defined by this image itself (counted once by scanning the L2 tables,
+    /// then kept up to date by `set_clusters`). The last cluster may overhang the disk.
+    pub fn defined_bytes(&self) -> Result<u64> {
+        if let Some(d) = *self.defined.lock() {
+            return Ok(d.min(self.size));
+        }
+        let l2e = self.geo.l2_entries();
+        let n_l1 = self.meta.lock().l1.len() as u64;
+        let mut total = 0;
+        for l1i in 0..n_l1 {
+            let off = self.l2_offset(l1i)?;
+            if off == 0 {
+                continue;
+            }
+            let t = self.l2_table(off)?;
+            let words = t.words.read();
+            for idx in 0..l2e as usize {
+                total += self.defined_in(self.decode(&words, idx)?);
+            }
+        }
+        let mut d = self.defined.lock();
+        // set_clusters may have run meanwhile without a counter; a rescan would be exact,
+        // but the difference is at most what changed during the scan.
+        *d = Some(total);
+        Ok(total.min(self.size))
     }
 
     /// Queues the references an old cluster state held for release after the next flush.
@@ -640,8 +704,17 @@ impl Qcow2 {
             return Ok(());
         }
         let _serial = self.flush_lock.lock();
+        // Taken before the snapshot: data written after this point is covered by a later
+        // flush, and metadata pointing at it is not in this snapshot.
+        let data = self.unsynced.swap(false, Ordering::AcqRel);
         let snap = self.take_snapshot()?;
+        if !data && snap.is_empty() {
+            return Ok(());
+        }
         let result = self.write_snapshot(&snap);
+        if result.is_err() && data {
+            self.unsynced.store(true, Ordering::Release);
+        }
         let mut guard = self.meta.lock();
         let m = &mut *guard;
         match result {
@@ -659,10 +732,17 @@ impl Qcow2 {
                 Err(e)
             }
             Ok(()) => {
-                for (off, _, t) in &snap.l2 {
-                    if !t.dirty.load(Ordering::Acquire) {
-                        m.pinned.remove(off);
-                        m.l2_cache.put(*off, t.clone());
+                // Everything pinned and clean is on disk now (tables changed while we
+                // wrote are dirty again and stay pinned).
+                let clean: Vec<u64> = m
+                    .pinned
+                    .iter()
+                    .filter(|(_, t)| !t.dirty.load(Ordering::Acquire))
+                    .map(|(&off, _)| off)
+                    .collect();
+                for off in clean {
+                    if let Some(t) = m.pinned.remove(&off) {
+                        m.l2_cache.put(off, t);
                     }
                 }
                 let cs = self.geo.cluster_size();
