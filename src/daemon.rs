@@ -186,6 +186,22 @@ fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
         );
         chains.push(Arc::new(chain));
     }
+    // A leaf written through one disk must not be read through another.
+    if !opts.read_only {
+        for (i, a) in chains.iter().enumerate() {
+            let leaf = a.layers()[0].file_id();
+            for (j, b) in chains.iter().enumerate() {
+                if i != j && b.layers().iter().any(|l| l.file_id() == leaf) {
+                    return Err(Error::Invalid(format!(
+                        "the leaf of '{}' ({}) is also part of the chain of '{}'",
+                        a.name(),
+                        a.layers()[0].image.path().display(),
+                        b.name()
+                    )));
+                }
+            }
+        }
+    }
     Ok((mountpoint, chains))
 }
 
@@ -223,10 +239,12 @@ fn daemonize(opts: &MountOptions, mountpoint: &Path, chains: Vec<Arc<Chain>>) ->
         };
     }
     // Child.
-    // SAFETY: closing the parent's end; setsid detaches from the terminal's session.
+    // SAFETY: closing the parent's end; setsid detaches from the terminal's session;
+    // chdir so the daemon does not keep the caller's directory busy (paths are absolute).
     unsafe {
         libc::close(fds[0]);
         libc::setsid();
+        libc::chdir(c"/".as_ptr());
     }
     // SAFETY: fds[1] is a valid fd we own.
     let ready = unsafe { File::from_raw_fd(fds[1]) };

@@ -235,9 +235,8 @@ impl Filesystem for StreamFs {
         if writing && chain.read_only() {
             return reply.error(Errno::EROFS);
         }
-        if flags.0 & libc::O_TRUNC != 0 {
-            return reply.error(Errno::EPERM);
-        }
+        // O_TRUNC is ignored, as a block device ignores it: a disk has a fixed size
+        // (so `qemu-img convert -O raw ... MOUNT/disk.raw` and `dd` work).
         reply.opened(
             FileHandle(0),
             FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,

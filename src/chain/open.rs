@@ -24,6 +24,11 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// (device, inode) of the file when opened.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.id
+    }
+
     /// Why the file at the layer's path is no longer the one we opened, if it is not.
     pub fn replaced(&self) -> Option<String> {
         let p = self.image.path();
@@ -74,7 +79,10 @@ fn open_layer(
 /// Opens `leaf` and its backing images. The leaf is opened read-write unless `read_only`;
 /// backing images are always read-only.
 pub fn open_chain(leaf: &Path, read_only: bool) -> Result<Vec<Arc<Layer>>> {
-    let top = open_layer(leaf, &leaf.display().to_string(), None, !read_only, None)?;
+    // Absolute (not canonical: symlinks stay as given, as QEMU keeps them), so backing
+    // names resolve the same whatever the daemon's working directory.
+    let abs = std::path::absolute(leaf).map_err(|e| Error::io(leaf, "resolving the path", e))?;
+    let top = open_layer(&abs, &leaf.display().to_string(), None, !read_only, None)?;
     let mut layers = vec![Arc::new(top)];
     extend_chain(&mut layers)?;
     Ok(layers)
