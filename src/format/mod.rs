@@ -73,19 +73,28 @@ impl Format {
         }
     }
 
-    /// Probes like QEMU: the qcow2 magic, otherwise raw.
+    /// Probes like QEMU: the qcow2 magic, otherwise raw. Unlike QEMU, a file named
+    /// `*.qcow2`/`*.qcow` without the magic is an error rather than silently raw: it is
+    /// a damaged image, and writing into it as raw would bury what is left of it.
     pub fn probe(path: &Path) -> Result<Format> {
         let f = File::open(path).map_err(|e| Error::io(path, "open", e))?;
         let mut magic = [0u8; 4];
         let n = std::os::unix::fs::FileExt::read_at(&f, &mut magic, 0)
             .map_err(|e| Error::io(path, "reading the first bytes", e))?;
-        Ok(
-            if n == 4 && u32::from_be_bytes(magic) == qcow2::header::MAGIC {
-                Format::Qcow2
-            } else {
-                Format::Raw
-            },
-        )
+        if n == 4 && u32::from_be_bytes(magic) == qcow2::header::MAGIC {
+            return Ok(Format::Qcow2);
+        }
+        let named_qcow = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "qcow2" | "qcow"));
+        if named_qcow {
+            return Err(Error::corrupt(
+                path,
+                "not a qcow2 image (bad magic, or header truncated)",
+            ));
+        }
+        Ok(Format::Raw)
     }
 }
 
