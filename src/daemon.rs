@@ -17,6 +17,8 @@ use crate::fs::{StreamFs, CONTROL_NAME};
 use crate::jobs::Jobs;
 use crate::{Error, Result};
 
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
 pub struct MountOptions {
     pub mountpoint: PathBuf,
     /// (name in the mount, leaf image path)
@@ -331,6 +333,10 @@ fn serve(
             }
         }
     }
+    let jobs_for_checkpoints = jobs.clone();
+    let _ = std::thread::Builder::new()
+        .name("checkpoint".into())
+        .spawn(move || checkpoints(&jobs_for_checkpoints));
     let mp = mountpoint.to_path_buf();
     let jobs_for_signals = jobs.clone();
     let _ = std::thread::Builder::new()
@@ -349,6 +355,19 @@ fn serve(
         Err(e) => {
             log::error!("session ended with an error: {e}");
             1
+        }
+    }
+}
+
+/// Writes dirty leaf metadata back every few seconds: guest writes that were never
+/// fsync'd still reach a consistent on-disk state soon, and dirty tables stay few.
+fn checkpoints(jobs: &Jobs) {
+    loop {
+        std::thread::sleep(CHECKPOINT_INTERVAL);
+        for chain in jobs.chains() {
+            if let Err(e) = chain.checkpoint() {
+                log::error!("{}: checkpoint: {e}", chain.name());
+            }
         }
     }
 }

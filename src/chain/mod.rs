@@ -525,6 +525,14 @@ impl Chain {
         }
     }
 
+    /// Writes dirty leaf metadata back if there is any (periodic checkpoint).
+    pub fn checkpoint(&self) -> Result<()> {
+        match self.layers()[0].image.as_qcow2() {
+            Some(q) if q.has_dirty_metadata() => q.flush(),
+            _ => Ok(()),
+        }
+    }
+
     /// Flushes everything, including released refcounts (unmount).
     pub fn flush_all(&self) -> Result<()> {
         self.layers()[0].image.flush()

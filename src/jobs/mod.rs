@@ -31,6 +31,8 @@ const CHUNK_BUSY: u64 = 256 << 10;
 const GUEST_GRACE: Duration = Duration::from_millis(2);
 const MAX_YIELD: Duration = Duration::from_millis(20);
 const WORKERS: usize = 2;
+/// How often a running stream writes the leaf's metadata back.
+const CHECKPOINT: Duration = Duration::from_secs(2);
 
 struct Job {
     chain: Arc<Chain>,
@@ -38,8 +40,9 @@ struct Job {
     start: u64,
     end: u64,
     whole_disk: bool,
-    /// Layers used as the source (those above the kept base), and the base to keep.
-    layers: Arc<Vec<Arc<Layer>>>,
+    /// The chain as the job started (None once finished, so dropped layers get closed),
+    /// and the index of the base to keep.
+    layers: Mutex<Option<Arc<Vec<Arc<Layer>>>>>,
     base: Option<usize>,
     base_label: Option<String>,
     cancel: AtomicBool,
@@ -56,6 +59,7 @@ struct Job {
     samples: Mutex<VecDeque<(Instant, u64, u64)>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     running_workers: AtomicUsize,
+    last_flush_ns: AtomicU64,
     finished: AtomicBool,
 }
 
@@ -141,10 +145,13 @@ impl Job {
     }
 
     fn worker(self: Arc<Self>) {
+        let Some(layers) = self.layers.lock().clone() else {
+            return;
+        };
         while self.checkpoint() {
             // A backing file removed or replaced underneath (the local equivalent of a
             // stale NFS handle) fails the job rather than streaming from a ghost.
-            let source = &self.layers[1..self.base.unwrap_or(self.layers.len())];
+            let source = &layers[1..self.base.unwrap_or(layers.len())];
             if let Some(why) = source.iter().find_map(|l| l.replaced()) {
                 self.fail(why);
                 break;
@@ -153,11 +160,12 @@ impl Job {
             let Some((a, b)) = self.claim(if busy { CHUNK_BUSY } else { CHUNK_IDLE }) else {
                 break;
             };
-            if let Err(e) = self.copy_range(a, b) {
+            if let Err(e) = self.copy_range(&layers, a, b) {
                 self.fail(e);
                 break;
             }
             self.done_chunk(a);
+            self.maybe_checkpoint(&layers);
         }
         self.running_workers.fetch_sub(1, Ordering::AcqRel);
         let _p = self.parked.lock();
@@ -165,8 +173,28 @@ impl Job {
     }
 
     /// Copies what the leaf lacks in [a, b); skips allocated runs from the L2 tables.
-    fn copy_range(&self, a: u64, b: u64) -> Result<(), String> {
-        let leaf = &self.layers[0].image;
+    /// Writes metadata back now and then, so a crash loses little progress and dirty
+    /// tables do not pile up in memory.
+    fn maybe_checkpoint(&self, layers: &[Arc<Layer>]) {
+        let now = self.chain.now_ns();
+        let last = self.last_flush_ns.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < CHECKPOINT.as_nanos() as u64
+            || self
+                .last_flush_ns
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if let Some(q) = layers[0].image.as_qcow2() {
+            if let Err(e) = q.flush() {
+                self.fail(format!("writing back the leaf's metadata: {e}"));
+            }
+        }
+    }
+
+    fn copy_range(&self, layers: &[Arc<Layer>], a: u64, b: u64) -> Result<(), String> {
+        let leaf = &layers[0].image;
         let size = self.chain.size();
         let mut pos = a;
         while pos < b.min(size) {
@@ -177,7 +205,7 @@ impl Job {
                 let stop_at = self.base;
                 let n = self
                     .chain
-                    .populate(&self.layers, pos, run, None, stop_at)
+                    .populate(layers, pos, run, None, stop_at)
                     .map_err(|e| format!("at guest offset {pos}: {e}"))?;
                 self.copied.fetch_add(n, Ordering::Relaxed);
                 if n > 0 && !self.throttle.wait(n, &self.cancel) {
@@ -202,17 +230,20 @@ impl Job {
             JobState::Completed
         };
         *self.state.lock() = state;
+        *self.layers.lock() = None;
         self.finished.store(true, Ordering::Release);
         log::info!("{}: stream {}", self.chain.name(), state.as_str());
     }
 
     fn complete(&self) -> Result<()> {
-        let leaf_layer = &self.layers[0];
-        let Some(leaf) = leaf_layer.image.as_qcow2() else {
+        let Some(layers) = self.layers.lock().clone() else {
+            return Ok(());
+        };
+        let Some(leaf) = layers[0].image.as_qcow2() else {
             return Ok(());
         };
         leaf.flush_all()?;
-        if !self.whole_disk || self.layers.len() == 1 {
+        if !self.whole_disk || layers.len() == 1 {
             return Ok(());
         }
         let current = self.chain.layers();
@@ -423,7 +454,7 @@ impl Jobs {
             start,
             end: end.min(size.div_ceil(cs) * cs),
             whole_disk,
-            layers: layers.clone(),
+            layers: Mutex::new(Some(layers.clone())),
             base: base_index,
             base_label: base_index.map(|b| layers[b].image.path().display().to_string()),
             cancel: AtomicBool::new(false),
@@ -439,6 +470,7 @@ impl Jobs {
             samples: Mutex::new(VecDeque::from([(Instant::now(), 0, 0)])),
             workers: Mutex::new(Vec::new()),
             running_workers: AtomicUsize::new(WORKERS),
+            last_flush_ns: AtomicU64::new(chain.now_ns()),
             finished: AtomicBool::new(false),
         });
         let mut handles = Vec::new();

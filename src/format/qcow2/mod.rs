@@ -691,8 +691,8 @@ impl Qcow2 {
 
     /// Makes every write acknowledged so far durable, in the order that keeps the image
     /// consistent after a crash at any point:
-    ///   1. data + refcount blocks (+ a moved refcount table), then fdatasync:
-    ///      a refcount is durable before anything points at its cluster;
+    ///   1. data + refcount blocks, then fdatasync: a refcount is durable before anything
+    ///      points at its cluster; then refcount table entries (or a moved table), fdatasync;
     ///   2. the header, if the refcount table moved, then fdatasync;
     ///   3. L2 tables, then fdatasync: data is durable before the entry pointing at it;
     ///   4. L1 entries, then fdatasync: an L2 table is durable before the L1 entry.
@@ -836,10 +836,18 @@ impl Qcow2 {
 
     fn write_snapshot(&self, s: &Snapshot) -> Result<()> {
         let (f, p) = (&self.file, self.path.as_path());
-        for (off, b) in s.refs.blocks.iter().chain(&s.refs.table) {
-            pwrite_all(f, p, b, *off, "refcount metadata")?;
+        for (off, b) in &s.refs.blocks {
+            pwrite_all(f, p, b, *off, "refcount block")?;
         }
         fdatasync(f, p)?;
+        // A table entry (or a moved table) must not reach the disk before the block it
+        // points at.
+        if !s.refs.table.is_empty() {
+            for (off, b) in &s.refs.table {
+                pwrite_all(f, p, b, *off, "refcount table")?;
+            }
+            fdatasync(f, p)?;
+        }
         if let Some(h) = &s.header {
             pwrite_all(f, p, h, 0, "header")?;
             fdatasync(f, p)?;
