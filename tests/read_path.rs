@@ -980,6 +980,14 @@ fn mount_rejects_bad_names() {
     assert_mount_fails(s.mount_cmd().image(&a).named("vm1.raw", &c), &["vm1.raw"]);
     // A name with a slash, and the reserved name.
     assert_mount_fails(s.mount_cmd().named("sub/disk", &a), &["sub/disk"]);
+    // ... even when `NAME=IMAGE` also happens to spell an existing relative path
+    // (`sub/disk=vm1.qcow2` in cwd): the argument is NAME `sub/disk`, IMAGE `vm1.qcow2`.
+    fs::copy(&a, s.join("vm1.qcow2")).unwrap();
+    fs::copy(&a, s.subdir("sub").join("disk=vm1.qcow2")).unwrap();
+    assert_mount_fails(
+        s.mount_cmd().cwd(s.path()).image("sub/disk=vm1.qcow2"),
+        &["sub/disk"],
+    );
     assert_mount_fails(s.mount_cmd().named(".control", &a), &[".control"]);
 }
 

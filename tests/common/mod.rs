@@ -625,6 +625,7 @@ pub fn assert_mount_fails(cmd: MountCmd, mentions: &[&str]) -> String {
             "stderr does not mention {m:?}: {failure}"
         );
     }
+    eprintln!("mount failed as expected: {stderr}");
     stderr.to_string()
 }
 
@@ -1576,7 +1577,7 @@ pub fn check_direct_pread(
 /// Reads the whole file with O_DIRECT in aligned `chunk`-byte reads (chunk a multiple of
 /// 4 KiB), until a short read; bounded by [`IO_TIMEOUT`].
 pub fn read_file_direct(path: &Path, chunk: usize) -> Vec<u8> {
-    assert!(chunk % 4096 == 0 && chunk > 0);
+    assert!(chunk.is_multiple_of(4096) && chunk > 0);
     let p = path.to_path_buf();
     with_timeout(&format!("O_DIRECT read {path:?}"), IO_TIMEOUT, move || {
         let f = open_direct(&p).unwrap_or_else(|e| panic!("open {p:?} with O_DIRECT: {e}"));
