@@ -372,7 +372,7 @@ mod tests {
             layers: 3,
             leaf_bytes: 8192,
         };
-        let text = render(&[line.clone()]);
+        let text = render(std::slice::from_ref(&line));
         assert!(text.starts_with("vm1.raw state=failed offset=65536 len=1048576 copied=4096 rate=100 eta=3 speed=0 base=- "));
         let parsed = parse_status(&text);
         assert_eq!(parsed.len(), 1);

@@ -92,7 +92,7 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len() + 0
+            && i + 3 < b.len()
             && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
@@ -109,7 +109,7 @@ pub fn is_mount_point(path: &Path) -> bool {
     let Ok(canon) = std::fs::canonicalize(path) else {
         return false;
     };
-    mount_points().iter().any(|m| *m == canon)
+    mount_points().contains(&canon)
 }
 
 fn check_mountpoint(mp: &Path) -> Result<PathBuf> {

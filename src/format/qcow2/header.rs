@@ -120,7 +120,7 @@ impl Header {
                 return corrupt(format!("v3 header truncated ({} bytes)", buf.len()));
             }
             let hl = be32(buf, 100) as usize;
-            if hl < V3_MIN_HEADER_LEN || hl % 8 != 0 || hl as u64 > cluster_size {
+            if hl < V3_MIN_HEADER_LEN || !hl.is_multiple_of(8) || hl as u64 > cluster_size {
                 return corrupt(format!(
                     "header_length {hl} invalid (must be >= 104, 8-aligned, <= cluster size)"
                 ));
@@ -393,7 +393,7 @@ fn check_table(
     if bytes == 0 {
         return Ok(());
     }
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return corrupt(format!("{what} offset {offset:#x} is not cluster aligned"));
     }
     match offset.checked_add(bytes) {

@@ -126,7 +126,7 @@ impl Geometry {
         }
         let host = word & OFFSET_MASK;
         let copied = word & COPIED != 0;
-        if host % self.cluster_size() != 0 {
+        if !host.is_multiple_of(self.cluster_size()) {
             return Err(format!(
                 "L2 entry {word:#x}: host offset {host:#x} is not cluster aligned"
             ));
@@ -199,7 +199,7 @@ impl Geometry {
 /// Validates an L1 entry: returns the L2 table offset (0 = none).
 pub fn decode_l1(entry: u64, cluster_size: u64) -> Result<u64, String> {
     let off = entry & OFFSET_MASK;
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Err(format!(
             "L1 entry {entry:#x}: L2 table offset {off:#x} is not cluster aligned"
         ));

@@ -524,7 +524,7 @@ impl Qcow2 {
         let mut tables = Vec::new();
         for (i, st) in states.iter().enumerate() {
             let ci = first + i as u64;
-            if i == 0 || ci % l2e == 0 {
+            if i == 0 || ci.is_multiple_of(l2e) {
                 tables.push(self.l2_for_update(m, ci / l2e)?);
             }
             if let NewCluster::Data { host, fresh: true } = *st {
@@ -544,7 +544,7 @@ impl Qcow2 {
         let mut words = tables[0].words.write();
         for (i, st) in states.iter().enumerate() {
             let ci = first + i as u64;
-            if i > 0 && ci % l2e == 0 {
+            if i > 0 && ci.is_multiple_of(l2e) {
                 drop(words);
                 t += 1;
                 words = tables[t].words.write();

@@ -139,7 +139,7 @@ impl Refcounts {
             return Ok(());
         }
         let offset = self.table[bi as usize] & OFFSET_MASK;
-        if offset % self.cluster_size != 0 {
+        if !offset.is_multiple_of(self.cluster_size) {
             return Err(io.corrupt(format!(
                 "refcount table entry {bi}: block offset {offset:#x} not aligned"
             )));
