@@ -731,6 +731,105 @@ fn range_stream_allocates_only_that_range() {
     let (code, out) = check_code(&c.top);
     assert_eq!(code, 0, "{out}");
     assert_compare(&c.top, &c.ref_raw);
+
+    // A full stream afterwards copies only what the ranges did not.
+    let m = s.mount(&[&c.top], &["--no-copy-on-read"]);
+    let idle = job(&m, &name);
+    let missing = c.size() - num(&idle, "leaf");
+    ctl_ok(&m, &format!("start {name}"));
+    let done = wait_completed(&m, &name, STREAM_TIMEOUT);
+    assert_eq!(
+        num(&done, "copied"),
+        missing,
+        "{} (idle: {})",
+        done.raw,
+        idle.raw
+    );
+    assert_eq!(num(&done, "layers"), 1, "{}", done.raw);
+    m.umount();
+    assert_no_backing(&c.top);
+    assert_compare(&c.top, &c.ref_raw);
+}
+
+#[test]
+fn umount_during_stream_keeps_progress() {
+    require_fuse!();
+    let s = Scratch::new();
+    let c = two_layer(s.path(), "vm", 64 * MIB, 24, false);
+    let name = c.name();
+    let link = backing_filename(&c.top);
+    let m = s.mount(&[&c.top], &["--no-copy-on-read"]);
+    let missing = c.size() - num(&job(&m, &name), "leaf");
+    ctl_ok(&m, &format!("start {name} speed=1M"));
+    let l = wait_job(&m, &name, Duration::from_secs(20), "copying", |l| {
+        num(l, "copied") > 0
+    });
+    let copied1 = num(&l, "copied");
+    // Unmounting stops the (sleeping, throttled) job promptly.
+    let t = Instant::now();
+    m.umount();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "umount during a throttled stream took {:?}",
+        t.elapsed()
+    );
+    let (code, out) = check_code(&c.top);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(backing_filename(&c.top), link);
+    assert_compare(&c.top, &c.ref_raw);
+
+    let m = s.mount(&[&c.top], &["--no-copy-on-read"]);
+    let idle = job(&m, &name);
+    assert_eq!(state(&idle), "idle", "{}", idle.raw);
+    let missing2 = c.size() - num(&idle, "leaf");
+    assert!(
+        missing2 <= missing - copied1,
+        "progress lost over umount: leaf lacked {missing}, job copied {copied1}, now lacks {missing2}"
+    );
+    ctl_ok(&m, &format!("start {name}"));
+    let done = wait_completed(&m, &name, STREAM_TIMEOUT);
+    assert_eq!(num(&done, "copied"), missing2, "{}", done.raw);
+    m.umount();
+    assert_no_backing(&c.top);
+    assert_compare(&c.top, &c.ref_raw);
+}
+
+#[test]
+fn stream_with_raw_base_keeps_its_format() {
+    require_fuse!();
+    let s = Scratch::new();
+    let size = 16 * MIB;
+    let base = create_raw_from(&s.join("base.img"), &random_bytes(25, size as usize));
+    let mid = Qcow2::new()
+        .backing_name("base.img", "raw")
+        .create(&s.join("mid.qcow2"));
+    write_pattern(&mid, 0x44, 2 * MIB, 3 * MIB);
+    let top = Qcow2::new()
+        .backing_name("mid.qcow2", "qcow2")
+        .create(&s.join("top.qcow2"));
+    write_pattern(&top, 0x55, 4 * MIB, 64 * KIB);
+    let c = finish_chain(top, vec![mid, base.clone()]);
+    let m = s.mount(&[&c.top], &[]);
+    ctl_ok(&m, &format!("start {} base=base.img", c.name()));
+    let done = wait_completed(&m, &c.name(), STREAM_TIMEOUT);
+    assert_eq!(num(&done, "layers"), 2, "{}", done.raw);
+    fs::remove_file(&c.backing[0]).unwrap();
+    assert_mount_reads(&m, &c.name(), &c.reference);
+    m.umount();
+    let info = qemu_img_info(&c.top);
+    assert_eq!(
+        info["backing-filename"].as_str(),
+        Some("base.img"),
+        "{info:#}"
+    );
+    assert_eq!(
+        info["backing-filename-format"].as_str(),
+        Some("raw"),
+        "the kept raw base must be recorded with its format: {info:#}"
+    );
+    let (code, out) = check_code(&c.top);
+    assert_eq!(code, 0, "{out}");
+    assert_compare(&c.top, &c.ref_raw);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -836,7 +935,7 @@ fn pause_resume_and_speed_zero() {
         p1.raw,
         p2.raw
     );
-    // Pausing again while paused is harmless; speed works while paused.
+    // speed works while paused.
     ctl_ok(&m, &format!("speed {name} 3M"));
     assert_eq!(num(&job(&m, &name), "speed"), 3 * MIB);
 
@@ -921,6 +1020,61 @@ fn speed_limit_is_respected() {
     );
     ctl_ok(&m, &format!("speed {name} 0"));
     wait_completed(&m, &name, Duration::from_secs(20));
+    m.umount();
+    assert_compare(&c.top, &c.ref_raw);
+}
+
+#[test]
+fn offset_and_copied_advance_while_throttled() {
+    require_fuse!();
+    let s = Scratch::new();
+    let c = two_layer(s.path(), "vm", 64 * MIB, 23, false);
+    let name = c.name();
+    let m = s.mount(&[&c.top], &["--no-copy-on-read"]);
+    let t = Instant::now();
+    ctl_ok(&m, &format!("start {name} speed=1M"));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "start of a throttled job took {:?} (must return at once)",
+        t.elapsed()
+    );
+    // QEMU's `offset`: progress through the range, advancing as the job copies (and over
+    // what is already present). Sampled for 3 s: monotonic, and it must move.
+    let (mut last_off, mut last_copied) = (0, 0);
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let l = job(&m, &name);
+        assert_eq!(state(&l), "running", "{}", l.raw);
+        let (off, copied) = (num(&l, "offset"), num(&l, "copied"));
+        assert!(
+            off >= last_off,
+            "offset went backwards: {last_off} -> {}",
+            l.raw
+        );
+        assert!(
+            copied >= last_copied,
+            "copied went backwards: {last_copied} -> {}",
+            l.raw
+        );
+        assert!(off <= num(&l, "len"), "{}", l.raw);
+        (last_off, last_copied) = (off, copied);
+        samples.push(l.raw);
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        last_off > 0,
+        "offset still 0 after 3 s of a speed=1M stream although copied={last_copied}; samples:\n{}",
+        samples.join("\n")
+    );
+    // The CLI's percentage follows offset.
+    let out = cli(&["status", ps(m.path())]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !text.contains(" 0.0%"),
+        "status shows 0% while the job has made progress:\n{text}"
+    );
+    ctl_ok(&m, &format!("cancel {name}"));
     m.umount();
     assert_compare(&c.top, &c.ref_raw);
 }
@@ -1108,6 +1262,7 @@ fn guest_io(
     seed: u64,
     stop: Arc<AtomicBool>,
     min_ops: usize,
+    pace: Duration,
 ) -> (Vec<u8>, usize) {
     let f = OpenOptions::new()
         .read(true)
@@ -1152,9 +1307,28 @@ fn guest_io(
             }
         }
         ops += 1;
+        thread::sleep(pace);
     }
     f.sync_all().unwrap();
     (model, ops)
+}
+
+/// Pause between guest operations while a throttled job must stay running for a while.
+const PACE: Duration = Duration::from_millis(10);
+
+/// Sends `speed NAME 0`; a job that already completed by itself (the guest's writes and
+/// copy-on-read may fill the leaf first) is fine too.
+fn unthrottle(m: &Mount, name: &str) {
+    let (r, answer) = ctl_answer(m, &format!("speed {name} 0"));
+    if r.is_err() {
+        let l = job(m, name);
+        assert_eq!(
+            (r, state(&l)),
+            (Err(libc::ESRCH), "completed"),
+            "speed {name} 0 -> {answer:?}; {}",
+            l.raw
+        );
+    }
 }
 
 /// Starts [`guest_io`] on a helper thread.
@@ -1164,13 +1338,14 @@ fn spawn_guest_io(
     model: Vec<u8>,
     seed: u64,
     min_ops: usize,
+    pace: Duration,
 ) -> (Arc<AtomicBool>, thread::JoinHandle<(Vec<u8>, usize)>) {
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
     let path = m.file(name);
     let h = thread::Builder::new()
         .name(format!("{}:guest-io", test_name()))
-        .spawn(move || guest_io(path, model, seed, st, min_ops))
+        .spawn(move || guest_io(path, model, seed, st, min_ops, pace))
         .unwrap();
     (stop, h)
 }
@@ -1200,7 +1375,14 @@ fn writes_during_streams_are_never_lost() {
     let m2 = s.mount(&[&slow.top], &["--no-copy-on-read"]);
 
     // Unthrottled stream while the guest writes and reads.
-    let (stop, h) = spawn_guest_io(&m, &fast.name(), fast.reference.clone(), seed, 20);
+    let (stop, h) = spawn_guest_io(
+        &m,
+        &fast.name(),
+        fast.reference.clone(),
+        seed,
+        20,
+        Duration::ZERO,
+    );
     ctl_ok(&m, &format!("start {}", fast.name()));
     wait_completed(&m, &fast.name(), STREAM_TIMEOUT);
     let (fast_model, ops) = join_guest_io(stop, h);
@@ -1208,7 +1390,14 @@ fn writes_during_streams_are_never_lost() {
 
     // Throttled stream: the guest writes ahead of and behind the stream's cursor; then
     // the limit is lifted while the guest keeps writing.
-    let (stop, h) = spawn_guest_io(&m2, &slow.name(), slow.reference.clone(), seed + 1, 20);
+    let (stop, h) = spawn_guest_io(
+        &m2,
+        &slow.name(),
+        slow.reference.clone(),
+        seed + 1,
+        20,
+        PACE,
+    );
     ctl_ok(&m2, &format!("start {} speed=4M", slow.name()));
     let l = wait_job(&m2, &slow.name(), Duration::from_secs(20), "copying", |l| {
         num(l, "copied") > 0
@@ -1223,13 +1412,44 @@ fn writes_during_streams_are_never_lost() {
     let (slow_model, ops) = join_guest_io(stop, h);
     eprintln!("throttled stream: {ops} guest writes");
 
+    // A stream that keeps a base, with copy-on-read, while the guest writes.
+    let deep = four_deep(&s.subdir("deep"), &s.subdir("deep"), 32 * MIB, 26);
+    let m3 = s.mount(&[&deep.top], &[]);
+    let (stop, h) = spawn_guest_io(
+        &m3,
+        &deep.name(),
+        deep.reference.clone(),
+        seed + 3,
+        20,
+        PACE,
+    );
+    ctl_ok(
+        &m3,
+        &format!("start {} base=base.qcow2 speed=4M", deep.name()),
+    );
+    thread::sleep(Duration::from_millis(800));
+    unthrottle(&m3, &deep.name());
+    wait_completed(&m3, &deep.name(), STREAM_TIMEOUT);
+    let (deep_model, ops) = join_guest_io(stop, h);
+    eprintln!("stream with base: {ops} guest writes");
+    assert_mount_reads(&m3, &deep.name(), &deep_model);
+    m3.umount();
+    assert_eq!(backing_filename(&deep.top).as_deref(), Some("base.qcow2"));
+    let (code, out) = check_code(&deep.top);
+    assert_eq!(code, 0, "{out}");
+    assert_bytes_eq(
+        "stream with base: leaf after unmount vs model",
+        &raw_reference(&deep.top),
+        &deep_model,
+    );
+
     // A few more writes after completion (leaf alone now).
     let stop = Arc::new(AtomicBool::new(true));
     let (slow_model, _) = {
         let path = m2.file(&slow.name());
         let st = stop.clone();
         with_timeout("post-stream I/O", IO_TIMEOUT, move || {
-            guest_io(path, slow_model, seed + 2, st, 50)
+            guest_io(path, slow_model, seed + 2, st, 50, Duration::ZERO)
         })
     };
     assert_mount_reads(&m, &fast.name(), &fast_model);
@@ -1262,7 +1482,7 @@ fn kill_9_during_stream_then_remount_and_finish() {
 
     ctl_ok(&m, &format!("start {name} speed=4M"));
     // The guest writes (each synced) while the stream runs.
-    let (stop, h) = spawn_guest_io(&m, &name, c.reference.clone(), seed, 30);
+    let (stop, h) = spawn_guest_io(&m, &name, c.reference.clone(), seed, 30, PACE);
     let l = wait_job(&m, &name, Duration::from_secs(20), "copying", |l| {
         num(l, "copied") > 0
     });
@@ -1630,15 +1850,15 @@ fn cli_start_wait_status_and_errors() {
         );
         assert!(!err.contains("panicked"), "{}", show(&out));
     }
-    let out = cli(&["start", &mp, &b.name(), "--base", "nosuch.qcow2", "--wait"]);
+    let out = cli(&["start", mp, &b.name(), "--base", "nosuch.qcow2", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     // A bad number is refused (argument parsing may use its own usage exit code).
-    let out = cli(&["speed", &mp, &nb, "1Q"]);
+    let out = cli(&["speed", mp, &nb, "1Q"]);
     assert!(!out.status.success(), "{}", show(&out));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 
     // Restart b to completion with the CLI (keeps going from the cancelled progress).
-    let out = cli(&["start", &mp, &b.name(), "--wait"]);
+    let out = cli(&["start", mp, &b.name(), "--wait"]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("stream completed"));
     m.umount();
