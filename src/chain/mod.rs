@@ -14,7 +14,7 @@ use parking_lot::RwLock;
 
 use self::locks::ClusterLocks;
 pub use self::open::{open_chain, reopen_backing, Layer, MAX_CHAIN_DEPTH};
-use crate::format::qcow2::l2::ClusterState;
+use crate::format::qcow2::l2::{ClusterState, SubState};
 use crate::format::qcow2::{NewCluster, Qcow2};
 use crate::format::{Image, Mapping, Status};
 use crate::{Error, Result};
@@ -35,6 +35,8 @@ enum Fill {
     Zero,
     /// Has data below: copy the cluster's contents.
     Data,
+    /// Extended L2, some subclusters already in the leaf at `host`: fill in the rest.
+    Complete(ClusterState),
 }
 
 #[derive(Default)]
@@ -252,8 +254,10 @@ impl Chain {
             let state = leaf.cluster_state(c)?;
             let fill = if state.fully_allocated() {
                 Fill::Present
+            } else if state.host() != 0 {
+                Fill::Complete(state)
             } else if state != ClusterState::Unallocated {
-                Fill::Data // extended L2 with some subclusters missing: complete it
+                Fill::Data // only zero subclusters: nothing in place to keep
             } else {
                 let start = c * cs;
                 let len = cs.min(self.size - start);
@@ -305,10 +309,56 @@ impl Chain {
                     self.write_new_clusters(leaf, first + i as u64, (j - i) as u64, bytes)?;
                     copied += bytes.len() as u64;
                 }
+                Fill::Complete(state) => {
+                    for k in i..j {
+                        let mut cbuf = data[k * cs..((k + 1) * cs).min(data.len())].to_vec();
+                        cbuf.resize(cs, 0);
+                        copied +=
+                            self.complete_in_place(leaf, first + k as u64, state, &cbuf, None)?;
+                    }
+                }
             }
             i = j;
         }
         Ok(copied)
+    }
+
+    /// Makes a partly allocated cluster (extended L2) fully allocated in its own host
+    /// cluster: writes `cbuf` (the cluster's guest view) only where subclusters were not
+    /// allocated, plus `[write.0, write.1)` (a guest write's bytes, in-cluster offsets).
+    /// Allocated subclusters are left alone: lock-free in-place writers may be writing
+    /// them right now, and rewriting them from a stale copy would lose those writes.
+    fn complete_in_place(
+        &self,
+        leaf: &Qcow2,
+        c: u64,
+        state: ClusterState,
+        cbuf: &[u8],
+        write: Option<(usize, usize)>,
+    ) -> Result<u64> {
+        let host = state.host();
+        let sub = leaf.geometry().subcluster_size() as usize;
+        // Byte ranges to write: every subcluster not allocated yet, and the write.
+        let mut ranges: Vec<(usize, usize)> = (0..cbuf.len() / sub)
+            .filter(|&k| state.sub(k as u32) != SubState::Data)
+            .map(|k| (k * sub, (k + 1) * sub))
+            .chain(write)
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        let mut written = 0;
+        for (a, b) in merged {
+            leaf.pwrite(host + a as u64, &cbuf[a..b])?;
+            written += (b - a) as u64;
+        }
+        leaf.set_clusters(c, &[NewCluster::Data { host, fresh: false }])?;
+        Ok(written)
     }
 
     /// Allocates `n` fresh clusters for guest clusters starting at `first`, writes
@@ -441,8 +491,8 @@ impl Chain {
                     c += 1;
                 }
                 ClusterState::Zero { host } | ClusterState::Mixed { host, .. } if host != 0 => {
-                    leaf.pwrite(host, cbuf)?;
-                    leaf.set_clusters(c, &[NewCluster::Data { host, fresh: false }])?;
+                    let base = ((c - first) * cs) as usize;
+                    self.complete_in_place(leaf, c, state, cbuf, Some((lo - base, hi - base)))?;
                     c += 1;
                 }
                 _ => {
