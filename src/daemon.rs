@@ -34,15 +34,13 @@ pub struct MountOptions {
 
 /// Splits `[NAME=]IMAGE` and derives the default name (`vm1.qcow2` -> `vm1.raw`).
 pub fn parse_chain_arg(arg: &str) -> Result<(String, PathBuf)> {
+    // The first '=' separates NAME; a path containing '=' is given as NAME=PATH.
     if let Some((name, image)) = arg.split_once('=') {
-        // A '/' before the '=' means the '=' belongs to the path.
-        if !name.contains('/') {
-            validate_name(name)?;
-            if image.is_empty() {
-                return Err(Error::Invalid(format!("'{arg}': missing IMAGE after '='")));
-            }
-            return Ok((name.to_string(), PathBuf::from(image)));
+        validate_name(name)?;
+        if image.is_empty() {
+            return Err(Error::Invalid(format!("'{arg}': missing IMAGE after '='")));
         }
+        return Ok((name.to_string(), PathBuf::from(image)));
     }
     let path = PathBuf::from(arg);
     let stem = path
@@ -526,7 +524,8 @@ mod tests {
             parse_chain_arg("root=x/y.qcow2").unwrap(),
             ("root".into(), "x/y.qcow2".into())
         );
-        assert_eq!(parse_chain_arg("/tmp/a=b/c.qcow2").unwrap().0, "c.raw");
+        assert!(parse_chain_arg("/tmp/a=b/c.qcow2").is_err(), "a NAME with '/'");
+        assert_eq!(parse_chain_arg("d=/tmp/a=b/c.qcow2").unwrap(), ("d".into(), "/tmp/a=b/c.qcow2".into()));
         assert!(parse_chain_arg(".control=x.qcow2").is_err());
         assert!(parse_chain_arg("=x.qcow2").is_err());
         assert!(parse_chain_arg("a b=x.qcow2").is_err());
