@@ -334,10 +334,10 @@ impl Filesystem for StreamFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(): write back metadata so a consumer that closes the file and then
-        // inspects the leaf (or unmounts) finds it consistent.
+        // close(): write back metadata (and released refcounts) so a consumer that
+        // closes the file and then inspects the leaf, or unmounts, finds it consistent.
         if let Some(chain) = self.chain(ino) {
-            if let Err(e) = chain.flush() {
+            if let Err(e) = chain.flush_all() {
                 log::error!("{}: flush on close: {e}", chain.name());
                 return reply.error(errno(&e));
             }
