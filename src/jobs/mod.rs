@@ -160,11 +160,15 @@ impl Job {
             let Some((a, b)) = self.claim(if busy { CHUNK_BUSY } else { CHUNK_IDLE }) else {
                 break;
             };
-            if let Err(e) = self.copy_range(&layers, a, b) {
-                self.fail(e);
-                break;
+            match self.copy_range(&layers, a, b) {
+                Ok(true) => self.done_chunk(a),
+                // Interrupted: the chunk stays unfinished, so `offset` stops before it.
+                Ok(false) => break,
+                Err(e) => {
+                    self.fail(e);
+                    break;
+                }
             }
-            self.done_chunk(a);
             self.maybe_checkpoint(&layers);
         }
         self.running_workers.fetch_sub(1, Ordering::AcqRel);
@@ -172,7 +176,6 @@ impl Job {
         self.parked_cv.notify_all();
     }
 
-    /// Copies what the leaf lacks in [a, b); skips allocated runs from the L2 tables.
     /// Writes metadata back now and then, so a crash loses little progress and dirty
     /// tables do not pile up in memory.
     fn maybe_checkpoint(&self, layers: &[Arc<Layer>]) {
@@ -193,7 +196,8 @@ impl Job {
         }
     }
 
-    fn copy_range(&self, layers: &[Arc<Layer>], a: u64, b: u64) -> Result<(), String> {
+    /// Copies what the leaf lacks in [a, b); false if cancelled before the end.
+    fn copy_range(&self, layers: &[Arc<Layer>], a: u64, b: u64) -> Result<bool, String> {
         let leaf = &layers[0].image;
         let size = self.chain.size();
         let mut pos = a;
@@ -209,12 +213,12 @@ impl Job {
                     .map_err(|e| format!("at guest offset {pos}: {e}"))?;
                 self.copied.fetch_add(n, Ordering::Relaxed);
                 if n > 0 && !self.throttle.wait(n, &self.cancel) {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             pos += run;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Runs after the workers stopped: decides the final state and relinks the leaf.
