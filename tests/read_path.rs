@@ -1062,13 +1062,13 @@ fn mount_releases_callers_stdio() {
     let s = Scratch::new();
     let img = valid_image(s.path(), "io.qcow2");
     let mp = s.new_mountpoint();
-    let mut child = Command::new(streamfs_bin())
-        .args(["mount", "--read-only", ps(&mp), ps(&img)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_retrying(
+        Command::new(streamfs_bin())
+            .args(["mount", "--read-only", ps(&mp), ps(&img)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let exited = wait_until(|| child.try_wait().unwrap().is_some(), MOUNT_TIMEOUT);
     if !exited {
         let _ = child.kill();
@@ -1116,7 +1116,7 @@ fn foreground_stays_attached() {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_retrying(&mut cmd);
     let live = wait_until(|| is_mounted(&mp), MOUNT_TIMEOUT);
     if !live {
         let _ = child.kill();

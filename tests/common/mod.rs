@@ -119,9 +119,7 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(err.try_clone().unwrap());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut child = spawn_retrying(&mut cmd);
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
     let status = loop {
@@ -152,6 +150,24 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
         status,
         stdout,
         stderr,
+    }
+}
+
+/// Spawns `cmd`, retrying for up to 10 s while the program is missing or busy (ENOENT,
+/// ETXTBSY: a concurrent `cargo build` may be relinking the binary).
+pub fn spawn_retrying(cmd: &mut Command) -> std::process::Child {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ETXTBSY))
+                    && Instant::now() < deadline =>
+            {
+                thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("cannot run {cmd:?}: {e}"),
+        }
     }
 }
 
