@@ -1,0 +1,699 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: streamfs vs qemu-storage-daemon (qsd) FUSE export vs a plain file.
+#
+#   scripts/bench.sh [read|cor|write|stream|all]      (default: all)
+#
+# Environment knobs:
+#   BENCH_SIZE_MB (1024)   virtual size of the test chains
+#   BENCH_RUNTIME (10)     seconds per time-based fio run
+#   BENCH_DEPTH   (32)     depth of the deep chain in the read section
+#   BENCH_STREAM_TIMEOUT (300) seconds before a stream job counts as hung
+#   BENCH_DIR     (/var/tmp) where the temp dir goes (must not be tmpfs)
+#   BENCH_RESULTS (scripts/bench-results.txt) tables are appended here
+#   BENCH_NO_BUILD=1       don't run `cargo build --release` first
+#   BENCH_KEEP=1           keep the logs (not the images) of the temp dir
+#   STREAMFS      (target/release/streamfs)
+# Tables go to stdout (and the results file), progress to stderr.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SECTION=${1:-all}
+SIZE_MB=${BENCH_SIZE_MB:-1024}
+SIZE=$((SIZE_MB * 1024 * 1024))
+RUNTIME=${BENCH_RUNTIME:-10}
+DEPTH=${BENCH_DEPTH:-32}
+STREAM_TIMEOUT=${BENCH_STREAM_TIMEOUT:-300}
+SFS=${STREAMFS:-$ROOT/target/release/streamfs}
+RESULTS=${BENCH_RESULTS:-$ROOT/scripts/bench-results.txt}
+QMP="$ROOT/scripts/qmp.py"
+
+case $SECTION in
+read | cor | write | stream | all) ;;
+*)
+    echo "usage: $0 [read|cor|write|stream|all]" >&2
+    exit 2
+    ;;
+esac
+[[ $(id -u) = 0 ]] || { echo "bench.sh: must run as root (drop_caches, FUSE)" >&2; exit 1; }
+
+log() { echo "[bench $(date +%T)] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+for t in qemu-img qemu-io qemu-storage-daemon python3 findmnt; do
+    command -v "$t" >/dev/null || die "$t not found"
+done
+if ! command -v fio >/dev/null; then
+    log "installing fio"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio; } </dev/null >&2 ||
+        die "could not install fio"
+fi
+
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/streamfs-bench.XXXXXX")
+FSTYPE=$(df --output=fstype "$WORK" | tail -1)
+[[ $FSTYPE != tmpfs ]] || die "$WORK is on tmpfs; set BENCH_DIR"
+
+QSD_PIDS=()
+MOUNTS=()
+cleanup() {
+    set +e
+    local p m
+    for p in "${QSD_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${QSD_PIDS[@]}"; do reap "$p" 10; done
+    for m in "${MOUNTS[@]}"; do
+        if findmnt -rn --mountpoint "$m" >/dev/null; then
+            timeout 30 "$SFS" umount "$m" >/dev/null 2>&1 || umount -l "$m"
+        fi
+    done
+    findmnt -rn -o TARGET | grep -F "$WORK/" | while read -r m; do umount -l "$m"; done
+    if [[ ${BENCH_KEEP:-0} = 1 ]]; then
+        rm -f "$WORK"/*.qcow2 "$WORK"/*.raw
+        log "kept logs in $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+# reap PID SECONDS: wait for a child to exit, SIGKILL after SECONDS
+reap() {
+    local pid=$1 n=$(($2 * 10)) st
+    while ((n-- > 0)); do
+        st=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo X)
+        [[ $st = X || $st = Z ]] && break
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+now() { date +%s.%N; }
+secs() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
+calc() { awk "BEGIN { printf \"%s\", $* }"; }
+# ratio A B [fmt]: A/B, or "-" when either is missing
+ratio() {
+    [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] || { echo -; return; }
+    awk -v a="$1" -v b="$2" -v f="${3:-%.2f}" 'BEGIN { if (b == 0) print "-"; else printf f "\n", a / b }'
+}
+# pct A B: A as a percentage of B
+pct() {
+    [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] || { echo -; return; }
+    ratio "$(calc "$1 * 100")" "$2" "%.0f%%"
+}
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+warm() { cat "$@" >/dev/null; }
+
+# wait until no compiler is running (benchmarks are noisy otherwise)
+quiet_machine() {
+    local n=0
+    while pgrep -x rustc >/dev/null || pgrep -x cc1 >/dev/null; do
+        ((n == 0)) && log "waiting for running builds (rustc) to finish before measuring..."
+        ((n++ < 120)) || { log "WARNING: builds still running, measuring anyway"; return; }
+        sleep 5
+    done
+}
+
+# ---------------------------------------------------------------- fio helpers
+FIO_COMMON=(--name=b --size="$SIZE" --invalidate=0 --allow_file_create=0 --output-format=json)
+# fio_run OUT.json FILE FIO-ARGS...: bounded fio run, json to OUT.json
+fio_run() {
+    local out=$1 file=$2
+    shift 2
+    echo "fio --filename=$file ${FIO_COMMON[*]} $*" >>"$WORK/commands.log"
+    timeout -k 10 $((RUNTIME * 3 + 180)) fio --filename="$file" "${FIO_COMMON[@]}" --output="$out" "$@" \
+        >>"$WORK/fio.log" 2>&1 || { log "fio failed on $file (see fio output below)"; tail -5 "$WORK/fio.log" >&2; return 1; }
+}
+# fio_get OUT.json read|write mibs|iops|p50|p99|secs
+fio_get() {
+    python3 - "$@" <<'EOF'
+import json, sys
+path, ddir, what = sys.argv[1:4]
+txt = open(path).read()
+j = json.loads(txt[txt.index("{"):])["jobs"][0]
+d = j[ddir]
+if what == "mibs":
+    print("%.0f" % (d["bw_bytes"] / 1048576))
+elif what == "iops":
+    print("%.0f" % d["iops"])
+elif what in ("p50", "p99"):
+    key = "50.000000" if what == "p50" else "99.000000"
+    print("%.1f" % (d["clat_ns"]["percentile"][key] / 1000))
+elif what == "secs":
+    print("%.2f" % (d["runtime"] / 1000))
+EOF
+}
+SEQ_READ=(--rw=read --bs=1M --direct=1 --ioengine=psync)
+RAND_READ=(--rw=randread --bs=4k --direct=1 --ioengine=libaio --iodepth=16)
+SEQ_WRITE=(--rw=write --bs=1M --direct=1 --ioengine=psync)
+RAND_WRITE=(--rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=16)
+TIMED=(--runtime="$RUNTIME" --time_based)
+
+# ---------------------------------------------------------------- qsd helpers
+# qsd_start ID TOP MODE [iothread] [direct] [qmp]; MODE is ro|rw|cor.
+# Sets QSD_PID, QSD_FILE (the exported file), QSD_SOCK.
+qsd_start() {
+    local id=$1 top=$2 mode=$3
+    shift 3
+    local fopts="driver=file,node-name=f,filename=$top" node=q writable=off ioexp="" flag n
+    local args=()
+    for flag in "$@"; do
+        case $flag in
+        iothread) args+=(--object "iothread,id=io0"); ioexp=",iothread=io0" ;;
+        direct) fopts+=",cache.direct=on" ;;
+        qmp)
+            QSD_SOCK="$WORK/$id.qmp"
+            args+=(--chardev "socket,id=qmp,path=$QSD_SOCK,server=on,wait=off" --monitor chardev=qmp)
+            ;;
+        esac
+    done
+    args=(--blockdev "$fopts" --blockdev "driver=qcow2,node-name=q,file=f" "${args[@]}")
+    case $mode in
+    rw) writable=on ;;
+    cor)
+        args+=(--blockdev "driver=copy-on-read,node-name=cor,file=q")
+        node=cor writable=on
+        ;;
+    esac
+    QSD_FILE="$WORK/$id.exp"
+    : >"$QSD_FILE"
+    args+=(--export "type=fuse,id=e,node-name=$node,mountpoint=$QSD_FILE,writable=$writable$ioexp")
+    echo "qemu-storage-daemon ${args[*]}" >>"$WORK/commands.log"
+    qemu-storage-daemon "${args[@]}" >"$WORK/$id.qsd.log" 2>&1 &
+    QSD_PID=$!
+    QSD_PIDS+=("$QSD_PID")
+    for ((n = 0; n < 100; n++)); do
+        findmnt -rn --mountpoint "$QSD_FILE" >/dev/null && return 0
+        kill -0 "$QSD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "qsd $id did not come up:"
+    cat "$WORK/$id.qsd.log" >&2
+    return 1
+}
+qsd_stop() {
+    kill "$QSD_PID" 2>/dev/null || true
+    reap "$QSD_PID" 60
+}
+
+# ---------------------------------------------------------------- streamfs helpers
+SFS_STATE=unknown # unknown|ok|broken
+SFS_WHY=""
+build_streamfs() {
+    if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release >&2) || log "WARNING: cargo build --release failed"
+    fi
+    [[ -x $SFS ]] || { SFS_STATE=broken; SFS_WHY="no binary $SFS"; }
+}
+# sfs_mount MNT NAME IMAGE [mount options...]
+sfs_mount() {
+    local mnt=$1 name=$2 img=$3
+    shift 3
+    [[ $SFS_STATE != broken ]] || return 1
+    mkdir -p "$mnt"
+    MOUNTS+=("$mnt")
+    echo "$SFS mount --log-file $mnt.log $* $mnt $name=$img" >>"$WORK/commands.log"
+    if ! timeout -k 5 60 "$SFS" mount --log-file "$mnt.log" "$@" "$mnt" "$name=$img" >"$mnt.out" 2>&1 ||
+        [[ ! -e $mnt/$name ]]; then
+        SFS_WHY="mount failed: $(tail -c 300 "$mnt.out" | tr '\n' ' ')"
+        log "streamfs $SFS_WHY"
+        [[ -f $mnt.log ]] && tail -5 "$mnt.log" >&2
+        findmnt -rn --mountpoint "$mnt" >/dev/null && umount -l "$mnt"
+        SFS_STATE=broken
+        return 1
+    fi
+    SFS_STATE=ok
+}
+sfs_umount() {
+    local mnt=$1
+    if ! timeout -k 5 120 "$SFS" umount "$mnt" >>"$mnt.out" 2>&1; then
+        log "streamfs umount $mnt failed; lazy unmount"
+        umount -l "$mnt" 2>/dev/null || true
+        return 1
+    fi
+}
+# sfs_state MNT NAME: the state= field of NAME's line in MNT/.control
+sfs_state() {
+    awk -v n="$2" '$1 == n { for (i = 2; i <= NF; i++) if ($i ~ /^state=/) { sub(/^state=/, "", $i); print $i } }' \
+        "$1/.control" 2>/dev/null || true
+}
+# sfs_stream MNT NAME: start a whole-chain stream via .control and poll until it ends.
+# Sets STREAM_T0/STREAM_T1 (epoch seconds). Fails unless state=completed.
+sfs_stream() {
+    local mnt=$1 name=$2 st="" n
+    STREAM_T0=$(now)
+    echo "start $name" >"$mnt/.control" || return 1
+    for ((n = 0; n < STREAM_TIMEOUT * 20; n++)); do
+        st=$(sfs_state "$mnt" "$name")
+        [[ $st = completed || $st = failed || $st = cancelled ]] && break
+        sleep 0.05
+    done
+    STREAM_T1=$(now)
+    cat "$mnt/.control" >>"$mnt.out" 2>&1 || true
+    [[ $st = completed ]] || { log "streamfs stream ended in state '$st'"; cat "$mnt/.control" >&2 || true; return 1; }
+}
+
+# ---------------------------------------------------------------- images
+new_leaf() { qemu-img create -q -f qcow2 -b "$2" -F qcow2 "$1"; }
+# MiB allocated in the image itself (not its backing files)
+leaf_mib() {
+    qemu-img map --output=json "$1" | python3 -c '
+import json, sys
+print("%.0f" % (sum(e["length"] for e in json.load(sys.stdin) if e["depth"] == 0 and e["data"]) / 1048576))'
+}
+has_backing() { qemu-img info --output=json "$1" | grep -q '"backing-filename"'; }
+
+prep_base() {
+    [[ -f $WORK/base.qcow2 ]] && return
+    log "making ${SIZE_MB} MiB random base: base.raw and base.qcow2"
+    dd if=/dev/urandom of="$WORK/base.raw" bs=1M count="$SIZE_MB" status=none
+    qemu-img convert -f raw -O qcow2 "$WORK/base.raw" "$WORK/base.qcow2"
+    sync
+}
+
+# ---------------------------------------------------------------- output
+TABLE=""
+out() { TABLE+="$*"$'\n'; }
+flush_table() {
+    printf '%s\n' "$TABLE"
+    printf '%s\n' "$TABLE" >>"$RESULTS"
+    TABLE=""
+}
+row() { printf '%-34s' "$1"; shift; printf ' %12s' "$@"; printf '\n'; }
+
+header() {
+    local h
+    h="### $(date -u '+%F %T UTC') streamfs $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo ?)"
+    h+=" | $(uname -r) | $(nproc) cpus | $(fio --version) | $(qemu-img --version | head -1 | awk '{print $3}')"
+    h+=" | work dir $WORK on $FSTYPE ($(df --output=source "$WORK" | tail -1))"
+    h+=" | fuse max_pages_limit $(cat /proc/sys/fs/fuse/max_pages_limit 2>/dev/null || echo ?)"
+    h+=" | size ${SIZE_MB} MiB, runtime ${RUNTIME}s"
+    echo "$h" | tee -a "$RESULTS"
+}
+
+# ================================================================ read
+section_read() {
+    prep_base
+    local w=$WORK i j
+    log "read: full leaf over an empty base; depth-$DEPTH chain"
+    cp "$w/base.qcow2" "$w/full.qcow2"
+    qemu-img create -q -f qcow2 "$w/empty.qcow2" "${SIZE_MB}M"
+    qemu-img rebase -u -f qcow2 -F qcow2 -b empty.qcow2 "$w/full.qcow2"
+
+    # deep chain: chunk j (SIZE/1024 bytes each) lives in layer j % DEPTH
+    local chunk=$((SIZE / 1024)) prev="" cmds
+    for ((i = 0; i < DEPTH; i++)); do
+        if [[ -z $prev ]]; then
+            qemu-img create -q -f qcow2 "$w/d$i.qcow2" "${SIZE_MB}M"
+        else
+            qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "$w/d$i.qcow2"
+        fi
+        cmds=()
+        for ((j = i; j < 1024; j += DEPTH)); do
+            cmds+=(-c "write -q -P $((j % 251 + 1)) $((j * chunk)) $chunk")
+        done
+        qemu-io -f qcow2 "${cmds[@]}" "$w/d$i.qcow2" >/dev/null
+        prev="d$i.qcow2"
+    done
+    local deep="$w/d$((DEPTH - 1)).qcow2"
+    qemu-img convert -O raw "$deep" "$w/deep.raw"
+    qemu-img convert -O qcow2 "$w/deep.raw" "$w/flat.qcow2"
+    warm "$w"/*.qcow2 "$w/base.raw"
+    quiet_machine
+
+    local o="$w/fio.json"
+    # measure LABEL FILE -> sets R_SEQ R_RAND
+    measure() {
+        R_SEQ=- R_RAND=-
+        fio_run "$o" "$2" "${SEQ_READ[@]}" "${TIMED[@]}" && R_SEQ=$(fio_get "$o" read mibs)
+        fio_run "$o" "$2" "${RAND_READ[@]}" "${TIMED[@]}" && R_RAND=$(fio_get "$o" read iops)
+        log "  $1: seq ${R_SEQ} MiB/s, rand ${R_RAND} IOPS"
+    }
+    declare -A S R
+    log "read: raw file (ceiling)"
+    measure "raw O_DIRECT" "$w/base.raw"
+    S[raw]=$R_SEQ R[raw]=$R_RAND
+    log "read: raw file, page cache (fio --direct=0)"
+    R_SEQ=- R_RAND=-
+    fio_run "$o" "$w/base.raw" --rw=read --bs=1M --direct=0 --ioengine=psync "${TIMED[@]}" && R_SEQ=$(fio_get "$o" read mibs)
+    fio_run "$o" "$w/base.raw" --rw=randread --bs=4k --direct=0 --ioengine=psync "${TIMED[@]}" && R_RAND=$(fio_get "$o" read iops)
+    S[rawpc]=$R_SEQ R[rawpc]=$R_RAND
+
+    local v
+    for v in plain iothread; do
+        log "read: qsd ($v)"
+        S[qsd_$v]=- R[qsd_$v]=-
+        local fl=()
+        [[ $v = iothread ]] && fl=(iothread)
+        if qsd_start "qsd-$v" "$w/full.qcow2" ro "${fl[@]}"; then
+            cmp "$QSD_FILE" "$w/base.raw" || log "WARNING: qsd export differs from base.raw"
+            measure "qsd $v" "$QSD_FILE"
+            S[qsd_$v]=$R_SEQ R[qsd_$v]=$R_RAND
+            qsd_stop
+        fi
+    done
+
+    log "read: streamfs --read-only"
+    S[sfs]=- R[sfs]=-
+    local sfs_note=""
+    if sfs_mount "$w/m-read" vm.raw "$w/full.qcow2" --read-only; then
+        cmp "$w/m-read/vm.raw" "$w/base.raw" >&2 || sfs_note=" (DATA MISMATCH)"
+        measure "streamfs" "$w/m-read/vm.raw"
+        S[sfs]=$R_SEQ R[sfs]=$R_RAND
+        sfs_umount "$w/m-read" || true
+    fi
+
+    out "== read: ${SIZE_MB} MiB chain (fully populated leaf over empty base), images warm in page cache =="
+    out "   seq: fio ${SEQ_READ[*]} ${TIMED[*]}; rand: fio ${RAND_READ[*]} ${TIMED[*]}"
+    out "$(row target 'seq MiB/s' 'x qsd' '% ceiling' 'rand IOPS' 'x qsd' '% ceiling')"
+    local k label
+    for k in raw rawpc qsd_plain qsd_iothread sfs; do
+        case $k in
+        raw) label="raw file O_DIRECT (ceiling)" ;;
+        rawpc) label="raw file page cache (direct=0)" ;;
+        qsd_plain) label="qsd fuse export" ;;
+        qsd_iothread) label="qsd fuse export + iothread" ;;
+        sfs) label="streamfs --read-only${sfs_note}" ;;
+        esac
+        out "$(row "$label" "${S[$k]}" "$(ratio "${S[$k]}" "${S[qsd_plain]}")" "$(pct "${S[$k]}" "${S[raw]}")" \
+            "${R[$k]}" "$(ratio "${R[$k]}" "${R[qsd_plain]}")" "$(pct "${R[$k]}" "${R[raw]}")")"
+    done
+    [[ ${S[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
+
+    # depth-N vs depth-1, same data
+    log "read: depth-$DEPTH vs depth-1"
+    declare -A DS DR
+    local kind img
+    for kind in flat deep; do
+        img="$w/flat.qcow2"
+        [[ $kind = deep ]] && img=$deep
+        DS[qsd_$kind]=- DR[qsd_$kind]=- DS[sfs_$kind]=- DR[sfs_$kind]=-
+        if qsd_start "qsd-$kind" "$img" ro; then
+            measure "qsd $kind" "$QSD_FILE"
+            DS[qsd_$kind]=$R_SEQ DR[qsd_$kind]=$R_RAND
+            qsd_stop
+        fi
+        if sfs_mount "$w/m-$kind" vm.raw "$img" --read-only; then
+            cmp "$w/m-$kind/vm.raw" "$w/deep.raw" >&2 || log "WARNING: streamfs $kind data differs from reference"
+            measure "streamfs $kind" "$w/m-$kind/vm.raw"
+            DS[sfs_$kind]=$R_SEQ DR[sfs_$kind]=$R_RAND
+            sfs_umount "$w/m-$kind" || true
+        fi
+    done
+    out "== read: depth-$DEPTH chain (1/1024 of the disk per chunk, chunk j in layer j%$DEPTH) vs depth-1 (same data) =="
+    out "$(row target 'seq MiB/s' 'x depth-1' 'x qsd' 'rand IOPS' 'x depth-1' 'x qsd')"
+    for k in qsd sfs; do
+        label="qsd fuse export"
+        [[ $k = sfs ]] && label="streamfs --read-only"
+        out "$(row "$label depth-1" "${DS[${k}_flat]}" 1.00 "$(ratio "${DS[${k}_flat]}" "${DS[qsd_flat]}")" \
+            "${DR[${k}_flat]}" 1.00 "$(ratio "${DR[${k}_flat]}" "${DR[qsd_flat]}")")"
+        out "$(row "$label depth-$DEPTH" "${DS[${k}_deep]}" "$(ratio "${DS[${k}_deep]}" "${DS[${k}_flat]}")" \
+            "$(ratio "${DS[${k}_deep]}" "${DS[qsd_deep]}")" "${DR[${k}_deep]}" \
+            "$(ratio "${DR[${k}_deep]}" "${DR[${k}_flat]}")" "$(ratio "${DR[${k}_deep]}" "${DR[qsd_deep]}")")"
+    done
+    flush_table
+    rm -f "$w"/d[0-9]*.qcow2 "$w/deep.raw" "$w/flat.qcow2" "$w/full.qcow2" "$w/empty.qcow2"
+}
+
+# ================================================================ cor
+section_cor() {
+    prep_base
+    local w=$WORK o="$WORK/fio.json"
+    declare -A MB SEC DUR LEAF
+    # cor_one KEY: MB SEC DUR LEAF for one target, file in F, stop command in STOP
+    local k t0 t1 t2 ok
+    local once=(--rw=read --bs=1M --direct=1 --ioengine=psync --runtime=300)
+    quiet_machine
+    for k in sfs qsd qsd_direct; do
+        MB[$k]=- SEC[$k]=- DUR[$k]=- LEAF[$k]=-
+        rm -f "$w/leaf.qcow2"
+        new_leaf "$w/leaf.qcow2" base.qcow2
+        ok=0
+        case $k in
+        sfs) sfs_mount "$w/m-cor" vm.raw "$w/leaf.qcow2" && F="$w/m-cor/vm.raw" && ok=1 ;;
+        qsd) qsd_start qsd-cor "$w/leaf.qcow2" cor && F=$QSD_FILE && ok=1 ;;
+        qsd_direct) qsd_start qsd-cor-direct "$w/leaf.qcow2" cor direct && F=$QSD_FILE && ok=1 ;;
+        esac
+        ((ok)) || continue
+        log "cor: $k"
+        drop_caches
+        t0=$(now)
+        if fio_run "$o" "$F" "${once[@]}"; then
+            t1=$(now)
+            MB[$k]=$(fio_get "$o" read mibs)
+            SEC[$k]=$(secs "$(calc "$t1 - $t0")")
+        fi
+        if [[ $k = sfs ]]; then sfs_umount "$w/m-cor" || true; else qsd_stop; fi
+        sync
+        t2=$(now)
+        [[ ${SEC[$k]} = - ]] || DUR[$k]=$(secs "$(calc "$t2 - $t0")")
+        LEAF[$k]=$(leaf_mib "$w/leaf.qcow2")
+        log "  $k: ${MB[$k]} MiB/s, read ${SEC[$k]} s, durable ${DUR[$k]} s, leaf ${LEAF[$k]} MiB"
+    done
+    log "cor: cold O_DIRECT read of the raw file"
+    MB[raw]=- SEC[raw]=- DUR[raw]=- LEAF[raw]=-
+    drop_caches
+    if fio_run "$o" "$w/base.raw" "${once[@]}"; then
+        MB[raw]=$(fio_get "$o" read mibs) SEC[raw]=$(fio_get "$o" read secs)
+    fi
+    log "cor: cp base.qcow2 + sync (floor)"
+    drop_caches
+    t0=$(now)
+    cp "$w/base.qcow2" "$w/copy.qcow2"
+    sync
+    t1=$(now)
+    DUR[cp]=$(secs "$(calc "$t1 - $t0")") SEC[cp]=- LEAF[cp]=-
+    MB[cp]=$(calc "sprintf(\"%.0f\", $SIZE_MB / ${DUR[cp]})")
+    rm -f "$w/copy.qcow2" "$w/leaf.qcow2"
+
+    out "== cor: cold sequential read of a ${SIZE_MB} MiB chain (all data in base, empty leaf), caches dropped =="
+    out "   fio ${once[*]} (one pass); durable = read + unmount/stop + sync"
+    out "$(row target 'MiB/s' 'x qsd' '% floor' 'read s' 'durable s' 'leaf MiB')"
+    local label
+    for k in sfs qsd qsd_direct raw cp; do
+        case $k in
+        sfs) label="streamfs (copy-on-read)" ;;
+        qsd) label="qsd copy-on-read filter" ;;
+        qsd_direct) label="qsd copy-on-read, cache.direct=on" ;;
+        raw) label="raw file O_DIRECT read (no copy)" ;;
+        cp) label="cp base + sync (floor)" ;;
+        esac
+        out "$(row "$label" "${MB[$k]}" "$(ratio "${MB[$k]}" "${MB[qsd]}")" "$(pct "${MB[$k]}" "${MB[cp]}")" \
+            "${SEC[$k]}" "${DUR[$k]}" "${LEAF[$k]}")"
+    done
+    [[ ${MB[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
+    flush_table
+}
+
+# ================================================================ write
+section_write() {
+    prep_base
+    local w=$WORK o="$WORK/fio.json" k ok F
+    declare -A SW RW
+    local once=(--runtime=300)
+    log "write: scratch raw copy"
+    cp "$w/base.raw" "$w/scratch.raw"
+    sync
+    quiet_machine
+    for k in raw qsd qsd_iothread sfs; do
+        SW[$k]=- RW[$k]=-
+        local pass
+        for pass in seq rand; do
+            rm -f "$w/leaf.qcow2"
+            new_leaf "$w/leaf.qcow2" base.qcow2
+            ok=0
+            case $k in
+            raw) F="$w/scratch.raw" ok=1 ;;
+            qsd) qsd_start qsd-w "$w/leaf.qcow2" rw && F=$QSD_FILE && ok=1 ;;
+            qsd_iothread) qsd_start qsd-wio "$w/leaf.qcow2" rw iothread && F=$QSD_FILE && ok=1 ;;
+            sfs) sfs_mount "$w/m-w" vm.raw "$w/leaf.qcow2" && F="$w/m-w/vm.raw" && ok=1 ;;
+            esac
+            ((ok)) || break
+            log "write: $k $pass"
+            if [[ $pass = seq ]]; then
+                fio_run "$o" "$F" "${SEQ_WRITE[@]}" "${once[@]}" && SW[$k]=$(fio_get "$o" write mibs)
+            else
+                fio_run "$o" "$F" "${RAND_WRITE[@]}" "${TIMED[@]}" && RW[$k]=$(fio_get "$o" write iops)
+            fi
+            case $k in
+            raw) ;;
+            sfs) sfs_umount "$w/m-w" || true ;;
+            *) qsd_stop ;;
+            esac
+        done
+        log "  $k: seq ${SW[$k]} MiB/s, rand ${RW[$k]} IOPS"
+    done
+    rm -f "$w/scratch.raw" "$w/leaf.qcow2"
+    out "== write: O_DIRECT writes into a fresh empty leaf over a ${SIZE_MB} MiB base (raw: preallocated file) =="
+    out "   seq: fio ${SEQ_WRITE[*]} (one pass); rand: fio ${RAND_WRITE[*]} ${TIMED[*]}"
+    out "$(row target 'seq MiB/s' 'x qsd' '% ceiling' 'rand IOPS' 'x qsd' '% ceiling')"
+    local label
+    for k in raw qsd qsd_iothread sfs; do
+        case $k in
+        raw) label="raw file O_DIRECT (ceiling)" ;;
+        qsd) label="qsd fuse export writable" ;;
+        qsd_iothread) label="qsd writable + iothread" ;;
+        sfs) label="streamfs" ;;
+        esac
+        out "$(row "$label" "${SW[$k]}" "$(ratio "${SW[$k]}" "${SW[qsd]}")" "$(pct "${SW[$k]}" "${SW[raw]}")" \
+            "${RW[$k]}" "$(ratio "${RW[$k]}" "${RW[qsd]}")" "$(pct "${RW[$k]}" "${RW[raw]}")")"
+    done
+    [[ ${SW[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
+    flush_table
+}
+
+# ================================================================ stream
+# lat_window LOG FROM TO: "p50 p99 count" (µs) of completions in [FROM, TO) epoch seconds
+lat_window() {
+    python3 - "$@" <<'EOF'
+import sys
+path, lo, hi = sys.argv[1], float(sys.argv[2]) * 1000, float(sys.argv[3]) * 1000
+v = sorted(int(l.split(",")[1]) for l in open(path) if lo <= int(l.split(",")[0]) < hi)
+if not v:
+    print("- - 0")
+else:
+    q = lambda p: v[min(len(v) - 1, int(p * len(v)))] / 1000
+    print("%.1f %.1f %d" % (q(0.50), q(0.99), len(v)))
+EOF
+}
+
+section_stream() {
+    prep_base
+    local w=$WORK k t0 t1
+    declare -A ST OK
+    quiet_machine
+    # 1) stream time, no guest I/O, caches dropped
+    for k in sfs qsd; do
+        ST[$k]=- OK[$k]=-
+        rm -f "$w/leaf.qcow2"
+        new_leaf "$w/leaf.qcow2" base.qcow2
+        if [[ $k = sfs ]]; then
+            sfs_mount "$w/m-s" vm.raw "$w/leaf.qcow2" || continue
+            log "stream: streamfs"
+            drop_caches
+            sfs_stream "$w/m-s" vm.raw && ST[sfs]=$(calc "$STREAM_T1 - $STREAM_T0")
+            sfs_umount "$w/m-s" || true
+        else
+            qsd_start qsd-s "$w/leaf.qcow2" ro qmp || continue
+            log "stream: qsd block-stream"
+            drop_caches
+            local r
+            if r=$(timeout -k 5 $((STREAM_TIMEOUT + 10)) "$QMP" "$QSD_SOCK" stream q --timeout "$STREAM_TIMEOUT"); then
+                ST[qsd]=${r##*elapsed=}
+            fi
+            qsd_stop
+        fi
+        if [[ ${ST[$k]} != - ]]; then
+            if has_backing "$w/leaf.qcow2"; then OK[$k]="BACKING-LEFT"; else OK[$k]=no-backing; fi
+            qemu-img check -q "$w/leaf.qcow2" || OK[$k]+=",CHECK-FAILED"
+            local m
+            m=$(leaf_mib "$w/leaf.qcow2")
+            OK[$k]+=",${m}MiB"
+        fi
+        log "  $k: ${ST[$k]} s (${OK[$k]})"
+    done
+    log "stream: cp + sync (floor)"
+    drop_caches
+    t0=$(now)
+    cp "$w/base.qcow2" "$w/copy.qcow2"
+    sync
+    t1=$(now)
+    ST[cp]=$(calc "$t1 - $t0") OK[cp]=-
+    rm -f "$w/copy.qcow2"
+
+    # 2) guest 4k random read latency, idle then during an unthrottled stream
+    local idle=5
+    declare -A LAT
+    local lat=(--rw=randread --bs=4k --direct=1 --ioengine=psync --iodepth=1 --runtime=900 --time_based
+        --log_avg_msec=0 --log_unix_epoch=1)
+    for k in sfs qsd; do
+        LAT[$k]="- - 0 - - 0 -"
+        rm -f "$w/leaf.qcow2" "$w"/lat_*.log
+        new_leaf "$w/leaf.qcow2" base.qcow2
+        local F
+        if [[ $k = sfs ]]; then
+            sfs_mount "$w/m-l" vm.raw "$w/leaf.qcow2" --no-copy-on-read || continue
+            F="$w/m-l/vm.raw"
+        else
+            qsd_start qsd-l "$w/leaf.qcow2" ro qmp || continue
+            F=$QSD_FILE
+        fi
+        log "stream latency: $k (${idle}s idle, then during stream)"
+        drop_caches
+        local fpid fstart ok=0 s0="" s1="" how=failed
+        fstart=$(now)
+        echo "fio --filename=$F ${FIO_COMMON[*]} ${lat[*]} --write_lat_log=$w/lat" >>"$WORK/commands.log"
+        fio --filename="$F" "${FIO_COMMON[@]}" --output="$w/lat.json" "${lat[@]}" --write_lat_log="$w/lat" \
+            >>"$WORK/fio.log" 2>&1 &
+        fpid=$!
+        sleep "$idle"
+        s0=$(now)
+        if [[ $k = sfs ]]; then
+            sfs_stream "$w/m-l" vm.raw && ok=1 && s0=$STREAM_T0 s1=$STREAM_T1
+        else
+            local r
+            if r=$(timeout -k 5 $((STREAM_TIMEOUT + 10)) "$QMP" "$QSD_SOCK" stream q --timeout "$STREAM_TIMEOUT"); then
+                ok=1
+                s0=${r#start=} s0=${s0%% *}
+                s1=${r#*end=} s1=${s1%% *}
+            fi
+        fi
+        sleep 0.5
+        kill -INT "$fpid" 2>/dev/null || true
+        reap "$fpid" 30
+        if [[ $k = sfs ]]; then sfs_umount "$w/m-l" || true; else qsd_stop; fi
+        ((ok)) || s1=$(now)
+        (($(calc "$s1 - $s0 >= $STREAM_TIMEOUT"))) && how=timeout
+        if [[ -f $w/lat_clat.1.log ]]; then
+            # skip the first second (cold start) of the idle window
+            LAT[$k]="$(lat_window "$w/lat_clat.1.log" "$(calc "$fstart + 1")" "$s0") $(lat_window "$w/lat_clat.1.log" "$s0" "$s1")"
+            if ((ok)); then LAT[$k]+=" $(secs "$(calc "$s1 - $s0")")"; else LAT[$k]+=" $how"; fi
+        fi
+        log "  $k: idle p50 p99 n / during p50 p99 n / stream s = ${LAT[$k]}"
+    done
+    rm -f "$w/leaf.qcow2" "$w"/lat_*.log
+
+    out "== stream: full stream of a ${SIZE_MB} MiB chain (all data in base, empty leaf), caches dropped first =="
+    out "$(row target 'seconds' 'MiB/s' 'x qsd time' '% floor' 'leaf after')"
+    local label
+    for k in sfs qsd cp; do
+        case $k in
+        sfs) label="streamfs start (.control)" ;;
+        qsd) label="qsd block-stream (QMP)" ;;
+        cp) label="cp base + sync (floor)" ;;
+        esac
+        local mbs=-
+        [[ ${ST[$k]} = - ]] || mbs=$(calc "sprintf(\"%.0f\", $SIZE_MB / ${ST[$k]})")
+        [[ ${ST[$k]} = - ]] || ST[$k]=$(calc "sprintf(\"%.2f\", ${ST[$k]})")
+        out "$(row "$label" "${ST[$k]}" "$mbs" "$(ratio "${ST[$k]}" "${ST[qsd]}")" "$(pct "${ST[cp]}" "${ST[$k]}")" "${OK[$k]}")"
+    done
+    [[ ${ST[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
+    out "== stream: guest latency, fio ${lat[*]:0:5} (us); ${idle}s idle then during an unthrottled stream =="
+    out "   streamfs mounted --no-copy-on-read, qsd export read-only (neither copies on read)"
+    out "$(row target 'idle p50' 'idle p99' 'during p50' 'during p99' 'p50 x idle' 'p99 x idle' 'stream s')"
+    for k in sfs qsd; do
+        local a
+        read -r -a a <<<"${LAT[$k]}"
+        label="qsd block-stream"
+        [[ $k = sfs ]] && label="streamfs"
+        out "$(row "$label" "${a[0]}" "${a[1]}" "${a[3]}" "${a[4]}" "$(ratio "${a[3]}" "${a[0]}")" \
+            "$(ratio "${a[4]}" "${a[1]}")" "${a[6]}")"
+    done
+    flush_table
+}
+
+# ================================================================ main
+header
+build_streamfs
+log "work dir $WORK ($FSTYPE)"
+case $SECTION in
+all)
+    section_read
+    section_cor
+    section_write
+    section_stream
+    ;;
+*) "section_$SECTION" ;;
+esac
+log "done; tables appended to $RESULTS"
