@@ -73,6 +73,21 @@ fn raw_base(s: &Scratch) -> Chain {
     }
 }
 
+/// A raw base whose size (1000001 bytes) is not even a multiple of 512, under a larger top.
+fn raw_base_odd_size(s: &Scratch) -> Chain {
+    let base = create_raw_from(&s.join("base.raw"), &random_bytes(1000001, 1000001));
+    let top = Qcow2::new()
+        .size(2 * MIB)
+        .backing(&base)
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(&top, &["write -P 0xb1 64k 4k", "write -P 0xb2 960k 64k"]);
+    Chain {
+        top,
+        backing: vec![base],
+        cluster: 64 * KIB,
+    }
+}
+
 /// qcow2 base <- mid <- top (64 KiB clusters, relative backing names) with overlapping
 /// writes, zero clusters in mid hiding base data, and discards.
 fn three_layers(s: &Scratch) -> Chain {
@@ -350,6 +365,7 @@ type Builder = fn(&Scratch) -> Chain;
 fn all_cases() -> Vec<(&'static str, Builder)> {
     vec![
         ("raw_base", raw_base),
+        ("raw_base_odd_size", raw_base_odd_size),
         ("three_layers", three_layers),
         ("zlib_64k", |s| {
             compressed_chain(s, 64 * KIB, 8 * MIB, "zlib")
@@ -465,6 +481,7 @@ macro_rules! read_matrix_tests {
 
 read_matrix_tests! {
     read_raw_base_qcow2_top => raw_base;
+    read_raw_base_odd_size => raw_base_odd_size;
     read_three_layers_zero_and_discard => three_layers;
     read_compressed_zlib_64k => |s| compressed_chain(s, 64 * KIB, 8 * MIB, "zlib");
     read_compressed_zstd_64k => |s| compressed_chain(s, 64 * KIB, 8 * MIB, "zstd");
@@ -530,6 +547,116 @@ fn copy_on_read_populates_leaf() {
         &raw_reference(&chain.top),
         &reference,
     );
+}
+
+/// Copy-on-read into a leaf that has an internal snapshot: the snapshot shares the leaf's
+/// L2 tables and clusters (refcount 2), so filling them in place would change the
+/// snapshot. Either streamfs refuses such a leaf cleanly, or after a full copy-on-read pass
+/// the snapshot still reads as before and `qemu-img check` passes.
+fn cor_with_internal_snapshot(extended_l2: bool) {
+    let s = Scratch::new();
+    let base = Qcow2::new().size(4 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 4M"]);
+    let top = Qcow2::new()
+        .extended_l2(extended_l2)
+        .backing(&base)
+        .create(&s.join("top.qcow2"));
+    // Partly written clusters (subclusters with extended L2), whole clusters, and clusters
+    // sharing an L2 table with unallocated ones.
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0x02 2k 2k",
+            "write -P 0x03 1M 64k",
+            "write -P 0x04 2054k 4k",
+        ],
+    );
+    qemu_img(&["snapshot", "-c", "snap1", ps(&top)]);
+    let snapshot_before = snapshot_contents(&s, &top, "snap1");
+    let reference = raw_reference(&top);
+    match s.try_mount(&[&top], &[]) {
+        Err(f) => {
+            assert!(f.stderr.contains("top.qcow2"), "{f}");
+            eprintln!("leaf with internal snapshots refused: {}", f.stderr.trim());
+            // Read-only never writes, so it must work and show the active layer.
+            let m = s.mount(&[&top], &["--read-only"]);
+            assert_bytes_eq("top.raw", &read_file(&m.file("top.raw")), &reference);
+            m.umount();
+        }
+        Ok(m) => {
+            assert_bytes_eq("top.raw", &read_file(&m.file("top.raw")), &reference);
+            m.umount();
+            qemu_img_check(&top);
+            assert_bytes_eq(
+                "active layer after copy-on-read",
+                &raw_reference(&top),
+                &reference,
+            );
+            assert_bytes_eq(
+                "internal snapshot after copy-on-read",
+                &snapshot_contents(&s, &top, "snap1"),
+                &snapshot_before,
+            );
+        }
+    }
+}
+
+/// The contents of internal snapshot `name` of `image` (flattened with its backing chain).
+fn snapshot_contents(s: &Scratch, image: &Path, name: &str) -> Vec<u8> {
+    let out = s.join(format!("{name}.snapshot.raw"));
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "qcow2",
+        "-l",
+        &format!("snapshot.name={name}"),
+        "-O",
+        "raw",
+        ps(image),
+        ps(&out),
+    ]);
+    let data = fs::read(&out).unwrap();
+    fs::remove_file(&out).unwrap();
+    data
+}
+
+#[test]
+fn copy_on_read_preserves_internal_snapshot() {
+    require_fuse!();
+    cor_with_internal_snapshot(false);
+}
+
+#[test]
+fn copy_on_read_preserves_internal_snapshot_extended_l2() {
+    require_fuse!();
+    cor_with_internal_snapshot(true);
+}
+
+/// A leaf with an external data file (incompatible bit 2) is either read correctly or
+/// refused with a clean message naming it.
+#[test]
+fn external_data_file_is_read_or_refused() {
+    require_fuse!();
+    let s = Scratch::new();
+    let base = Qcow2::new().size(2 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 2M"]);
+    let top = Qcow2::new()
+        .option("data_file=top.data")
+        .backing(&base)
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(&top, &["write -P 0x02 64k 64k"]);
+    let reference = raw_reference(&top);
+    match s.try_mount(&[&top], &["--read-only"]) {
+        Err(f) => {
+            assert!(f.stderr.contains("top.qcow2"), "{f}");
+            eprintln!("external data file refused: {}", f.stderr.trim());
+        }
+        Ok(m) => {
+            assert_bytes_eq("top.raw", &read_file(&m.file("top.raw")), &reference);
+            m.umount();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -619,11 +746,12 @@ fn seek_data_hole_matches_qemu_img_map() {
 // 3. Concurrency
 // ---------------------------------------------------------------------------------------------
 
-fn concurrent_reads(args: &[&str]) {
+fn concurrent_reads(build: Builder, args: &[&str]) {
     let s = Scratch::new();
-    let chain = three_layers(&s);
+    let chain = build(&s);
     let reference: Arc<[u8]> = raw_reference(&chain.top).into();
     let seed = test_seed();
+    let cor = !args.contains(&"--read-only") && !args.contains(&"--no-copy-on-read");
     let m = s.mount(&[&chain.top], args);
     let reads = check_concurrent_preads(
         &m.file("top.raw"),
@@ -642,6 +770,9 @@ fn concurrent_reads(args: &[&str]) {
     );
     m.umount();
     qemu_img_check(&chain.top);
+    if cor {
+        assert_all_data_in_leaf(&chain.top);
+    }
     assert_bytes_eq(
         "leaf after concurrent reads",
         &raw_reference(&chain.top),
@@ -652,13 +783,36 @@ fn concurrent_reads(args: &[&str]) {
 #[test]
 fn concurrent_reads_copy_on_read() {
     require_fuse!();
-    concurrent_reads(&[]);
+    concurrent_reads(three_layers, &[]);
 }
 
 #[test]
 fn concurrent_reads_read_only() {
     require_fuse!();
-    concurrent_reads(&["--read-only"]);
+    concurrent_reads(three_layers, &["--read-only"]);
+}
+
+/// Copy-on-read racing on partly allocated extended-L2 clusters.
+#[test]
+fn concurrent_reads_copy_on_read_extended_l2() {
+    require_fuse!();
+    concurrent_reads(extended_l2, &[]);
+}
+
+/// Copy-on-read racing on 512-byte clusters (many L2 tables, compressed base).
+#[test]
+fn concurrent_reads_copy_on_read_cluster_512() {
+    require_fuse!();
+    concurrent_reads(|s| compressed_chain(s, 512, 2 * MIB, "zlib"), &[]);
+}
+
+#[test]
+fn concurrent_reads_no_copy_on_read_2m_clusters() {
+    require_fuse!();
+    concurrent_reads(
+        |s| compressed_chain(s, 2 * MIB, 24 * MIB, "zstd"),
+        &["--no-copy-on-read"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
