@@ -960,6 +960,50 @@ fn pause_resume_and_speed_zero() {
 }
 
 #[test]
+fn pause_takes_effect_promptly_on_a_slow_job() {
+    require_fuse!();
+    let s = Scratch::new();
+    let c = two_layer(s.path(), "vm", 64 * MIB, 27, false);
+    let name = c.name();
+    let m = s.mount(&[&c.top], &["--no-copy-on-read"]);
+    ctl_ok(&m, &format!("start {name} speed=1M"));
+    wait_job(&m, &name, Duration::from_secs(20), "copying", |l| {
+        num(l, "copied") > 0
+    });
+    // A slow job must not make `pause` block for long (like `cancel` and `speed`, it has
+    // to act at once, not after the current rate-limit delay).
+    let t = Instant::now();
+    ctl_ok(&m, &format!("pause {name}"));
+    let took = t.elapsed();
+    let p1 = job(&m, &name);
+    assert_eq!(state(&p1), "paused", "{}", p1.raw);
+    thread::sleep(Duration::from_millis(500));
+    let p2 = job(&m, &name);
+    assert_eq!(
+        num(&p2, "copied"),
+        num(&p1, "copied"),
+        "{} -> {}",
+        p1.raw,
+        p2.raw
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "pause of a speed=1M job took {took:?}"
+    );
+    ctl_ok(&m, &format!("resume {name}"));
+    let t = Instant::now();
+    ctl_ok(&m, &format!("cancel {name}"));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "cancel took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(state(&job(&m, &name)), "cancelled");
+    m.umount();
+    assert_compare(&c.top, &c.ref_raw);
+}
+
+#[test]
 fn speed_limit_is_respected() {
     require_fuse!();
     let s = Scratch::new();
