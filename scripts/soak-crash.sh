@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 iters=${1:-500}
 runs=${2:-4}
+log=target/soak-crash.log
 [[ $iters =~ ^[0-9]+$ && $runs =~ ^[0-9]+$ ]] || {
     echo "usage: $0 [ITERATIONS_PER_RUN [RUNS]]" >&2
     exit 2
@@ -22,11 +23,11 @@ for ((r = 1; r <= runs; r++)); do
     echo "=== soak run $r/$runs: $iters iterations"
     start=$SECONDS
     if ! STREAMFS_CRASH_ITERS=$iters cargo test --release --test crash -- --nocapture --test-threads=1 \
-        2>&1 | tee /tmp/streamfs-soak-crash.log | grep -E "seed|iterations in|leaks|panicked|FAILED|test result"; then
+        2>&1 | tee "$log" | grep -E "seed|iterations in|leaks|panicked|FAILED|test result"; then
         :
     fi
-    if ! grep -q "test result: ok" /tmp/streamfs-soak-crash.log; then
-        echo "=== soak run $r FAILED after $((SECONDS - start)) s; full log: /tmp/streamfs-soak-crash.log" >&2
+    if ! grep -q "test result: ok" "$log"; then
+        echo "=== soak run $r FAILED after $((SECONDS - start)) s; full log: $log" >&2
         exit 1
     fi
     echo "=== soak run $r passed in $((SECONDS - start)) s"

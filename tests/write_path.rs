@@ -634,6 +634,12 @@ fn concurrent_writes_and_cor_64k() {
 }
 
 #[test]
+fn concurrent_writes_and_cor_4k() {
+    // Every 4 KiB block is its own cluster: writers race on L2 tables and refcount blocks.
+    concurrency(Qcow2::new().cluster_size(4 * KIB), 4 * KIB);
+}
+
+#[test]
 fn concurrent_writes_and_cor_extended_l2() {
     concurrency(
         Qcow2::new().extended_l2(true).cluster_size(128 * KIB),
@@ -887,4 +893,45 @@ fn fs2_available(dir: &Path) -> u64 {
     let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
     assert_eq!(r, 0, "statvfs {dir:?}");
     st.f_bavail as u64 * st.f_frsize as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clean exits persist acknowledged writes (fsync'd or not)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn clean_exit_persists_unsynced_writes() {
+    require_fuse!();
+    let seed = test_seed();
+    let s = Scratch::new();
+    let base = Qcow2::new().size(8 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x11 0 6M"]);
+    let leaf = Qcow2::new().backing(&base).create(&s.join("top.qcow2"));
+    let mut want = raw_reference(&leaf);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ends: [(&str, fn(Mount)); 3] = [
+        ("streamfs umount", |m| m.umount()),
+        ("umount", |m| m.system_umount()),
+        ("SIGTERM", |m| m.terminate(libc::SIGTERM)),
+    ];
+    for (name, end) in ends {
+        let m = s.mount(&[&leaf], &[]);
+        let f = open_rw(&m.file("top.raw"));
+        for i in 0..50 {
+            let off = rng.gen_range(0..8 * MIB - 1);
+            let len = rng.gen_range(1..=200 * KIB).min(8 * MIB - off);
+            let data = pattern(len as usize, seed ^ i);
+            f.write_all_at(&data, off).unwrap();
+            want[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        let off = rng.gen_range(0..8 * MIB / 4096 - 16) * 4096;
+        fallocate(&f, PUNCH, off, 64 * KIB).unwrap();
+        want[off as usize..(off + 64 * KIB) as usize].fill(0);
+        drop(f);
+        end(m);
+        let (code, text) = check_status(&leaf);
+        assert_eq!(code, 0, "after {name}: qemu-img check:\n{text}");
+        let model = create_raw_from(&s.join("model.raw"), &want);
+        assert_compare_identical(&leaf, &model);
+    }
 }
