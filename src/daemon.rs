@@ -524,8 +524,14 @@ mod tests {
             parse_chain_arg("root=x/y.qcow2").unwrap(),
             ("root".into(), "x/y.qcow2".into())
         );
-        assert!(parse_chain_arg("/tmp/a=b/c.qcow2").is_err(), "a NAME with '/'");
-        assert_eq!(parse_chain_arg("d=/tmp/a=b/c.qcow2").unwrap(), ("d".into(), "/tmp/a=b/c.qcow2".into()));
+        assert!(
+            parse_chain_arg("/tmp/a=b/c.qcow2").is_err(),
+            "a NAME with '/'"
+        );
+        assert_eq!(
+            parse_chain_arg("d=/tmp/a=b/c.qcow2").unwrap(),
+            ("d".into(), "/tmp/a=b/c.qcow2".into())
+        );
         assert!(parse_chain_arg(".control=x.qcow2").is_err());
         assert!(parse_chain_arg("=x.qcow2").is_err());
         assert!(parse_chain_arg("a b=x.qcow2").is_err());
