@@ -409,6 +409,13 @@ fn cor_chain_in(s: &SubScratch, leaf_opts: Qcow2) -> (PathBuf, Vec<PathBuf>) {
 
 const BLK: usize = 4096;
 
+/// A writer's blocks: block index -> content it must hold.
+type BlockModel = HashMap<usize, Vec<u8>>;
+/// qemu-io writes of one process: (pattern, offset, length).
+type PatternWrites = Vec<(u8, u64, u64)>;
+/// How a test ends a mount.
+type Ender = fn(Mount);
+
 /// Writers own interleaved 4 KiB blocks of the same clusters (block b belongs to writer
 /// `b % (writers + 1)`; the last slot belongs to nobody and must always read as the
 /// reference). Readers read whole clusters (triggering copy-on-read of clusters the writers
@@ -449,7 +456,7 @@ fn concurrency(leaf_opts: Qcow2, cluster: u64) {
             for t in 0..WRITERS {
                 let file = file.clone();
                 let reference = reference.clone();
-                handles.push(thread::spawn(move || -> Result<(usize, HashMap<usize, Vec<u8>>, u64), String> {
+                handles.push(thread::spawn(move || -> Result<(usize, BlockModel, u64), String> {
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(100 + t as u64));
                     let f = open_rw(&file);
                     let d = open_rw_direct(&file);
@@ -665,7 +672,7 @@ fn qemu_io_direct_parallel_aio() {
     let file = m.file("top.raw");
     // Process p writes 1 MiB region p: aligned 64 KiB aio writes, a 512-byte aligned
     // unaligned-to-4k one, and a write straddling two clusters.
-    let jobs: Vec<(usize, &str, Vec<(u8, u64, u64)>)> = (0..6)
+    let jobs: Vec<(usize, &str, PatternWrites)> = (0..6)
         .map(|p| {
             let r = p as u64 * 2 * MIB + 512 * KIB;
             let pat = 0x50 + p as u8;
@@ -909,7 +916,7 @@ fn clean_exit_persists_unsynced_writes() {
     let leaf = Qcow2::new().backing(&base).create(&s.join("top.qcow2"));
     let mut want = raw_reference(&leaf);
     let mut rng = StdRng::seed_from_u64(seed);
-    let ends: [(&str, fn(Mount)); 3] = [
+    let ends: [(&str, Ender); 3] = [
         ("streamfs umount", |m| m.umount()),
         ("umount", |m| m.system_umount()),
         ("SIGTERM", |m| m.terminate(libc::SIGTERM)),
