@@ -6,7 +6,7 @@
 
 mod throttle;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,8 +51,9 @@ struct Job {
     parked: Mutex<usize>,
     parked_cv: Condvar,
     throttle: Throttle,
-    /// Next unclaimed offset and the chunks being worked on (for a contiguous `offset`).
-    cursor: Mutex<(u64, BTreeSet<u64>)>,
+    /// Next unclaimed offset, and for each chunk being worked on (by start) how far it
+    /// got: `offset` is the lowest of those (everything below is done).
+    cursor: Mutex<(u64, BTreeMap<u64, u64>)>,
     copied: AtomicU64,
     state: Mutex<JobState>,
     error: Mutex<Option<String>>,
@@ -66,8 +67,19 @@ struct Job {
 impl Job {
     fn progress(&self) -> u64 {
         let c = self.cursor.lock();
-        let done_to = c.1.iter().next().copied().unwrap_or(c.0).min(self.end);
+        let done_to = c.1.values().min().copied().unwrap_or(c.0).min(self.end);
         done_to - self.start
+    }
+
+    fn advance(&self, chunk: u64, reached: u64) {
+        if let Some(r) = self.cursor.lock().1.get_mut(&chunk) {
+            *r = reached;
+        }
+    }
+
+    /// True when copying must stop for now (paused, cancelled or failed).
+    fn must_stop(&self) -> bool {
+        *self.paused.lock() || self.cancel.load(Ordering::Acquire) || self.error.lock().is_some()
     }
 
     /// Claims the next chunk, or None at the end.
@@ -81,7 +93,7 @@ impl Job {
         let b = (a + size).div_ceil(cs) * cs;
         let b = b.min(self.end);
         c.0 = b;
-        c.1.insert(a);
+        c.1.insert(a, a);
         Some((a, b))
     }
 
@@ -157,7 +169,11 @@ impl Job {
                 break;
             }
             let busy = self.yield_to_guest();
-            let Some((a, b)) = self.claim(if busy { CHUNK_BUSY } else { CHUNK_IDLE }) else {
+            let cs = self.chain.cluster_size();
+            let size = self
+                .throttle
+                .quantum(cs, if busy { CHUNK_BUSY } else { CHUNK_IDLE });
+            let Some((a, b)) = self.claim(size) else {
                 break;
             };
             match self.copy_range(&layers, a, b) {
@@ -196,27 +212,32 @@ impl Job {
         }
     }
 
-    /// Copies what the leaf lacks in [a, b); false if cancelled before the end.
+    /// Copies what the leaf lacks in [a, b), skipping what its L2 tables say it has.
+    /// Pauses (parks) between runs; returns false if cancelled before the end.
     fn copy_range(&self, layers: &[Arc<Layer>], a: u64, b: u64) -> Result<bool, String> {
         let leaf = &layers[0].image;
-        let size = self.chain.size();
+        let end = b.min(self.chain.size());
         let mut pos = a;
-        while pos < b.min(size) {
+        while pos < end {
+            if !self.checkpoint() {
+                return Ok(false);
+            }
             let (m, run) = leaf
-                .map(pos, b.min(size) - pos)
+                .map(pos, end - pos)
                 .map_err(|e| format!("at guest offset {pos}: {e}"))?;
             if m == Mapping::Unallocated {
-                let stop_at = self.base;
+                if !self.throttle.admit(run, || self.must_stop()) {
+                    continue; // paused or cancelled while waiting: checkpoint decides
+                }
                 let n = self
                     .chain
-                    .populate(layers, pos, run, None, stop_at)
+                    .populate(layers, pos, run, None, self.base)
                     .map_err(|e| format!("at guest offset {pos}: {e}"))?;
+                self.throttle.refund(run.saturating_sub(n));
                 self.copied.fetch_add(n, Ordering::Relaxed);
-                if n > 0 && !self.throttle.wait(n, &self.cancel) {
-                    return Ok(false);
-                }
             }
             pos += run;
+            self.advance(a, pos);
         }
         Ok(true)
     }
@@ -377,6 +398,7 @@ impl Jobs {
             Command::Pause(name) => {
                 let job = self.active(&name)?;
                 *job.paused.lock() = true;
+                job.throttle.wake();
                 // Return once the workers have stopped copying (or ended).
                 let mut parked = job.parked.lock();
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -467,7 +489,7 @@ impl Jobs {
             parked: Mutex::new(0),
             parked_cv: Condvar::new(),
             throttle: Throttle::new(speed),
-            cursor: Mutex::new((start, BTreeSet::new())),
+            cursor: Mutex::new((start, BTreeMap::new())),
             copied: AtomicU64::new(0),
             state: Mutex::new(JobState::Running),
             error: Mutex::new(None),

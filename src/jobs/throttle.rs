@@ -1,69 +1,95 @@
-//! Rate limit for stream jobs: each copied chunk books `bytes / speed` seconds on a shared
-//! timeline and the worker sleeps until its booking ends. Sleeps are cut short when the
-//! job is cancelled or the speed changes, so `speed` and `cancel` act at once.
+//! Rate limit for stream jobs: a shared timeline of booked copy time. Before copying
+//! `bytes`, a worker waits until the timeline is free, then books `bytes / speed` on it;
+//! bytes it did not copy after all (holes) are refunded. Waits are cut short when the
+//! job is paused or cancelled (`stop`) or the speed changes, so `pause`, `cancel` and
+//! `speed` act at once.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+struct State {
+    speed: u64,
+    /// When the booked timeline ends.
+    next: Instant,
+}
+
 pub struct Throttle {
-    speed: AtomicU64,
-    /// (end of the booked timeline, speed-change generation)
-    state: Mutex<(Instant, u64)>,
+    state: Mutex<State>,
     changed: Condvar,
+}
+
+fn duration(bytes: u64, speed: u64) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / speed as f64)
 }
 
 impl Throttle {
     pub fn new(speed: u64) -> Throttle {
         Throttle {
-            speed: AtomicU64::new(speed),
-            state: Mutex::new((Instant::now(), 0)),
+            state: Mutex::new(State {
+                speed,
+                next: Instant::now(),
+            }),
             changed: Condvar::new(),
         }
     }
 
     pub fn speed(&self) -> u64 {
-        self.speed.load(Ordering::Relaxed)
+        self.state.lock().speed
     }
 
+    /// Changes the limit now: what was booked at the old speed is forgotten.
     pub fn set_speed(&self, speed: u64) {
-        self.speed.store(speed, Ordering::Relaxed);
         let mut s = self.state.lock();
-        s.0 = Instant::now();
-        s.1 += 1;
+        s.speed = speed;
+        s.next = Instant::now();
         self.changed.notify_all();
     }
 
-    /// Wakes sleepers (on cancel).
+    /// Wakes waiters so they re-check `stop` (on pause or cancel).
     pub fn wake(&self) {
-        let mut s = self.state.lock();
-        s.1 += 1;
+        let _s = self.state.lock();
         self.changed.notify_all();
     }
 
-    /// Accounts `bytes` just copied and sleeps as the limit requires. Returns false if
-    /// `cancel` was set meanwhile.
-    pub fn wait(&self, bytes: u64, cancel: &AtomicBool) -> bool {
-        let speed = self.speed();
-        if speed == 0 {
-            return !cancel.load(Ordering::Acquire);
+    /// How much one booking should cover at the current speed: about 1/8 s of copying,
+    /// so progress, pause and speed changes stay responsive; `max` when unlimited.
+    pub fn quantum(&self, min: u64, max: u64) -> u64 {
+        match self.speed() {
+            0 => max,
+            s => (s / 8).clamp(min, max),
         }
+    }
+
+    /// Waits until `bytes` may be copied and books them. Returns false (booking
+    /// nothing) if `stop()` becomes true while waiting.
+    pub fn admit(&self, bytes: u64, stop: impl Fn() -> bool) -> bool {
         let mut s = self.state.lock();
-        let now = Instant::now();
-        let target = s.0.max(now) + Duration::from_secs_f64(bytes as f64 / speed as f64);
-        s.0 = target;
-        let generation = s.1;
         loop {
-            if cancel.load(Ordering::Acquire) {
+            if stop() {
                 return false;
             }
-            let now = Instant::now();
-            if now >= target || s.1 != generation {
+            if s.speed == 0 {
                 return true;
             }
-            self.changed
-                .wait_for(&mut s, (target - now).min(Duration::from_millis(100)));
+            let now = Instant::now();
+            if s.next <= now {
+                s.next = now + duration(bytes, s.speed);
+                return true;
+            }
+            let wait = (s.next - now).min(Duration::from_millis(50));
+            self.changed.wait_for(&mut s, wait);
+        }
+    }
+
+    /// Gives back booked time for bytes that were not copied.
+    pub fn refund(&self, bytes: u64) {
+        let mut s = self.state.lock();
+        if s.speed > 0 && bytes > 0 {
+            let d = duration(bytes, s.speed);
+            let now = Instant::now();
+            s.next = s.next.checked_sub(d).map_or(now, |t| t.max(now));
+            self.changed.notify_all();
         }
     }
 }
@@ -71,38 +97,48 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     #[test]
-    fn limits_and_reacts_to_speed_changes() {
-        let t = Arc::new(Throttle::new(1 << 20));
-        let cancel = Arc::new(AtomicBool::new(false));
+    fn limits_rate_before_copying() {
+        let t = Throttle::new(1 << 20);
         let began = Instant::now();
-        for _ in 0..4 {
-            assert!(t.wait(64 << 10, &cancel));
+        // Five 64 KiB bookings at 1 MiB/s: the first goes at once, the fifth after ~250 ms.
+        for _ in 0..5 {
+            assert!(t.admit(64 << 10, || false));
         }
         let el = began.elapsed();
         assert!(
             el >= Duration::from_millis(230) && el < Duration::from_secs(2),
             "{el:?}"
         );
-        // A long booking is cut short by a speed change.
-        let (t2, c2) = (t.clone(), cancel.clone());
+        // Refunds make room again.
+        t.refund(64 << 10);
+        assert_eq!(t.quantum(4096, 8 << 20), 128 << 10);
+        t.set_speed(0);
+        assert_eq!(t.quantum(4096, 8 << 20), 8 << 20);
+    }
+
+    #[test]
+    fn stop_and_speed_changes_cut_waits_short() {
+        let t = Arc::new(Throttle::new(1));
+        assert!(t.admit(1 << 20, || false)); // books ~12 days
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t2, s2) = (t.clone(), stop.clone());
+        let h = std::thread::spawn(move || t2.admit(1, || s2.load(Ordering::Acquire)));
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::Release);
+        t.wake();
+        assert!(!h.join().unwrap(), "a stopped wait books nothing");
+        let t3 = t.clone();
         let h = std::thread::spawn(move || {
             let b = Instant::now();
-            t2.wait(100 << 20, &c2);
+            t3.admit(1, || false);
             b.elapsed()
         });
         std::thread::sleep(Duration::from_millis(50));
-        t.set_speed(0);
-        assert!(h.join().unwrap() < Duration::from_secs(5));
-        // And by cancel.
-        t.set_speed(1);
-        let (t3, c3) = (t.clone(), cancel.clone());
-        let h = std::thread::spawn(move || t3.wait(1 << 30, &c3));
-        std::thread::sleep(Duration::from_millis(50));
-        cancel.store(true, Ordering::Release);
-        t.wake();
-        assert!(!h.join().unwrap());
+        t.set_speed(1 << 30);
+        assert!(h.join().unwrap() < Duration::from_secs(2));
     }
 }
