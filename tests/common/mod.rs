@@ -709,6 +709,22 @@ fn force_cleanup(mountpoint: &Path, pids: &[i32], unmount: bool) {
     }
 }
 
+/// Runs an unmount command (with [`MOUNT_TIMEOUT`]), retrying for up to 3 s while it
+/// fails with "busy". Tests run in parallel threads of one process, and every command
+/// another test spawns briefly inherits this process's open files (until exec closes
+/// them), which makes the kernel refuse an unmount with EBUSY for that instant.
+fn unmount_retrying_busy(make: impl Fn() -> Command) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = run_with_timeout(make(), MOUNT_TIMEOUT);
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy || Instant::now() >= deadline {
+            return out;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A live streamfs mount. Dropping it without `umount()` (e.g. on panic) detaches the
 /// mount and kills the daemon.
 pub struct Mount {
@@ -821,9 +837,11 @@ impl Mount {
     /// `streamfs umount MP`: asserts it succeeds, that the daemon had already exited when
     /// it returned, and that the mount is gone.
     pub fn umount(mut self) {
-        let mut cmd = Command::new(streamfs_bin());
-        cmd.arg("umount").arg(&self.mountpoint);
-        let out = run_with_timeout(cmd, MOUNT_TIMEOUT);
+        let out = unmount_retrying_busy(|| {
+            let mut cmd = Command::new(streamfs_bin());
+            cmd.arg("umount").arg(&self.mountpoint);
+            cmd
+        });
         assert!(
             out.status.success(),
             "streamfs umount {:?} failed: {}; stderr:\n{}",
@@ -846,9 +864,11 @@ impl Mount {
 
     /// Plain `umount MP` (the system tool); asserts success, then [`Mount::assert_gone`].
     pub fn system_umount(self) {
-        let mut cmd = Command::new("umount");
-        cmd.arg(&self.mountpoint);
-        let out = run_with_timeout(cmd, MOUNT_TIMEOUT);
+        let out = unmount_retrying_busy(|| {
+            let mut cmd = Command::new("umount");
+            cmd.arg(&self.mountpoint);
+            cmd
+        });
         assert!(
             out.status.success(),
             "umount {:?} failed: {}; stderr:\n{}",
