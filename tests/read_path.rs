@@ -1111,6 +1111,87 @@ fn two_chains_default_and_explicit_names() {
     m.umount();
 }
 
+/// Two leaves over one shared base (a golden image), both copying-on-read at once: each
+/// file shows its own chain, both leaves stay consistent, the base is never written.
+#[test]
+fn two_chains_sharing_a_base() {
+    require_fuse!();
+    let s = Scratch::new();
+    let base = Qcow2::new().size(8 * MIB).create(&s.join("golden.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 6M"]);
+    let vm1 = Qcow2::new().backing(&base).create(&s.join("vm1.qcow2"));
+    qemu_io_cmds(&vm1, &["write -P 0x11 1M 1M", "write -z 4M 64k"]);
+    let vm2 = Qcow2::new().backing(&base).create(&s.join("vm2.qcow2"));
+    qemu_io_cmds(&vm2, &["write -P 0x22 1536k 1M", "discard 5M 128k"]);
+    let base_before = fs::read(&base).unwrap();
+    let refs: Vec<Arc<[u8]>> = [&vm1, &vm2]
+        .iter()
+        .map(|p| raw_reference(p).into())
+        .collect();
+    let m = s.mount(&[&vm1, &vm2], &[]);
+    let seed = test_seed();
+    let handles: Vec<_> = ["vm1.raw", "vm2.raw"]
+        .iter()
+        .zip(&refs)
+        .map(|(name, r)| {
+            let (path, r) = (m.file(name), r.clone());
+            std::thread::spawn(move || {
+                check_concurrent_preads(&path, r, 64 * KIB, 4, Duration::from_secs(2), seed)
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("reader panicked");
+    }
+    for (name, r) in ["vm1.raw", "vm2.raw"].iter().zip(&refs) {
+        assert_bytes_eq(name, &read_file(&m.file(name)), r);
+    }
+    m.umount();
+    for (img, r) in [&vm1, &vm2].iter().zip(&refs) {
+        qemu_img_check(img);
+        assert_all_data_in_leaf(img);
+        assert_bytes_eq("leaf after copy-on-read", &raw_reference(img), r);
+    }
+    assert!(
+        fs::read(&base).unwrap() == base_before,
+        "shared base was modified"
+    );
+}
+
+/// Mount point and image directories with spaces (escaped as \040 in mountinfo).
+#[test]
+fn paths_with_spaces() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image_with_backing(&s.subdir("dir with space"), "vm.qcow2");
+    let reference = raw_reference(&img);
+    let m = s
+        .mount_cmd()
+        .at(s.subdir("mount point"))
+        .image(&img)
+        .run()
+        .unwrap_or_else(|f| panic!("{f}"));
+    assert_bytes_eq("vm.raw", &read_file(&m.file("vm.raw")), &reference);
+    m.umount();
+    qemu_img_check(&img);
+}
+
+/// `--log-file PATH -v` writes a log; `--allow-other` shows in the mount options.
+#[test]
+fn log_file_and_allow_other() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = valid_image(s.path(), "opt.qcow2");
+    let log = s.join("daemon.log");
+    let m = s.mount(&[&img], &["--allow-other", "--log-file", ps(&log), "-v"]);
+    let info = mountinfo_line(m.path()).expect("mountinfo line");
+    assert!(info.contains("allow_other"), "{info}");
+    assert_eq!(read_file(&m.file("opt.raw")).len() as u64, 16 * MIB);
+    m.umount();
+    let text = fs::read_to_string(&log).expect("log file written");
+    assert!(!text.trim().is_empty(), "log file {log:?} is empty with -v");
+}
+
 #[test]
 fn control_exists_for_a_single_chain() {
     require_fuse!();
