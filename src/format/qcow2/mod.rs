@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
@@ -76,24 +76,14 @@ pub enum NewCluster {
 }
 
 struct Meta {
-    l1: Vec<u64>,
     l1_dirty: BTreeSet<usize>,
-    l2_cache: LruCache<u64, Arc<L2Table>>,
-    /// Dirty L2 tables (and ones being written): never evicted, always found first.
+    /// Dirty L2 tables (and ones being written): never evicted; the authoritative copy
+    /// whenever present.
     pinned: HashMap<u64, Arc<L2Table>>,
     refs: Option<Refcounts>,
     next_free: u64,
     /// Host clusters losing a reference; applied once the L2 change is durable.
     pending_decref: Vec<u64>,
-}
-
-impl Meta {
-    fn lookup(&mut self, off: u64) -> Option<Arc<L2Table>> {
-        if let Some(t) = self.pinned.get(&off) {
-            return Some(t.clone());
-        }
-        self.l2_cache.get(&off).cloned()
-    }
 }
 
 /// Everything one flush writes, captured under the metadata lock.
@@ -116,6 +106,12 @@ pub struct Qcow2 {
     compression: Compression,
     writable: bool,
     header: Mutex<Header>,
+    /// L1 entries: read without locks on every lookup; changed under `meta`.
+    l1: Vec<AtomicU64>,
+    /// Clean and dirty L2 tables. Hits only `peek` (shared lock, no recency update, so
+    /// eviction is first-in first-out); inserts happen under `meta`, and never replace
+    /// a table with a different copy of it.
+    l2_cache: RwLock<LruCache<u64, Arc<L2Table>>>,
     meta: Mutex<Meta>,
     flush_lock: Mutex<()>,
     decompressed: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
@@ -233,7 +229,7 @@ impl Qcow2 {
         )?;
         let l1 = l1_bytes
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .map(|c| AtomicU64::new(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
             .collect();
 
         let cs = geo.cluster_size();
@@ -245,10 +241,10 @@ impl Qcow2 {
             compression: header.compression,
             writable,
             geo,
+            l1,
+            l2_cache: RwLock::new(LruCache::new(NonZeroUsize::new(l2_cap).expect("nonzero"))),
             meta: Mutex::new(Meta {
-                l1,
                 l1_dirty: BTreeSet::new(),
-                l2_cache: LruCache::new(NonZeroUsize::new(l2_cap).expect("nonzero")),
                 pinned: HashMap::new(),
                 refs: None,
                 next_free: len.div_ceil(cs) * cs,
@@ -303,30 +299,43 @@ impl Qcow2 {
 
     fn l2_offset(&self, l1_index: u64) -> Result<u64> {
         let entry = self
-            .meta
-            .lock()
             .l1
             .get(l1_index as usize)
-            .copied()
-            .unwrap_or(0);
+            .map_or(0, |e| e.load(Ordering::Acquire));
         decode_l1(entry, self.geo.cluster_size()).map_err(|m| self.corrupt(m))
     }
 
-    /// The L2 table at `off`, from the cache or the file. The disk read happens without
-    /// the metadata lock; if another thread inserted the table meanwhile, theirs wins
-    /// (it may already hold changes).
+    /// The cached table at `off` (pinned first: it is authoritative), re-inserting a
+    /// pinned table that fell out of the cache. Called with the metadata lock held.
+    fn cached_l2(&self, m: &Meta, off: u64) -> Option<Arc<L2Table>> {
+        if let Some(t) = m.pinned.get(&off) {
+            let mut cache = self.l2_cache.write();
+            if cache.peek(&off).is_none() {
+                cache.put(off, t.clone());
+            }
+            return Some(t.clone());
+        }
+        self.l2_cache.read().peek(&off).cloned()
+    }
+
+    /// The L2 table at `off`, from the cache or the file. Hits take no exclusive lock;
+    /// the disk read happens without the metadata lock, and if another thread inserted
+    /// the table meanwhile, theirs wins (it may already hold changes).
     fn l2_table(&self, off: u64) -> Result<Arc<L2Table>> {
-        if let Some(t) = self.meta.lock().lookup(off) {
+        if let Some(t) = self.l2_cache.read().peek(&off) {
+            return Ok(t.clone());
+        }
+        if let Some(t) = self.cached_l2(&self.meta.lock(), off) {
             return Ok(t);
         }
         let mut buf = vec![0u8; self.geo.cluster_size() as usize];
         pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
         let table = Arc::new(L2Table::from_bytes(&buf));
-        let mut m = self.meta.lock();
-        if let Some(t) = m.lookup(off) {
+        let m = self.meta.lock();
+        if let Some(t) = self.cached_l2(&m, off) {
             return Ok(t);
         }
-        m.l2_cache.put(off, table.clone());
+        self.l2_cache.write().put(off, table.clone());
         Ok(table)
     }
 
@@ -603,7 +612,7 @@ impl Qcow2 {
             return Ok(d.min(self.size));
         }
         let l2e = self.geo.l2_entries();
-        let n_l1 = self.meta.lock().l1.len() as u64;
+        let n_l1 = self.l1.len() as u64;
         let mut total = 0;
         for l1i in 0..n_l1 {
             let off = self.l2_offset(l1i)?;
@@ -641,10 +650,11 @@ impl Qcow2 {
     /// if there is none. Must be called with the metadata lock held (`m`).
     fn l2_for_update(&self, m: &mut Meta, l1i: u64) -> Result<Arc<L2Table>> {
         let cs = self.geo.cluster_size();
-        let entry = *m
+        let entry = self
             .l1
             .get(l1i as usize)
-            .ok_or_else(|| self.corrupt(format!("L1 index {l1i} beyond the L1 table")))?;
+            .ok_or_else(|| self.corrupt(format!("L1 index {l1i} beyond the L1 table")))?
+            .load(Ordering::Acquire);
         let off = decode_l1(entry, cs).map_err(|msg| self.corrupt(msg))?;
         if off != 0 && entry & COPIED == 0 {
             return Err(Error::unsupported(
@@ -662,12 +672,15 @@ impl Qcow2 {
             };
             let new_off = io.alloc_clusters(1)?;
             refs.adjust(new_off / cs, 1, &mut io)?;
-            m.l1[l1i as usize] = new_off | COPIED;
-            m.l1_dirty.insert(l1i as usize);
+            // Cached before the L1 entry is published, so a reader that sees the new
+            // entry finds this table rather than loading its (zeroed) cluster.
             let t = Arc::new(L2Table::from_bytes(&vec![0u8; cs as usize]));
             m.pinned.insert(new_off, t.clone());
+            self.l2_cache.write().put(new_off, t.clone());
+            self.l1[l1i as usize].store(new_off | COPIED, Ordering::Release);
+            m.l1_dirty.insert(l1i as usize);
             return Ok(t);
-        } else if let Some(t) = m.lookup(off) {
+        } else if let Some(t) = self.cached_l2(m, off) {
             t
         } else {
             // Rare: evicted between the caller's lookup and now.
@@ -676,7 +689,10 @@ impl Qcow2 {
             Arc::new(L2Table::from_bytes(&buf))
         };
         m.pinned.entry(off).or_insert_with(|| table.clone());
-        m.l2_cache.put(off, table.clone());
+        let mut cache = self.l2_cache.write();
+        if cache.peek(&off).is_none() {
+            cache.put(off, table.clone());
+        }
         Ok(table)
     }
 
@@ -740,9 +756,12 @@ impl Qcow2 {
                     .filter(|(_, t)| !t.dirty.load(Ordering::Acquire))
                     .map(|(&off, _)| off)
                     .collect();
+                let mut cache = self.l2_cache.write();
                 for off in clean {
                     if let Some(t) = m.pinned.remove(&off) {
-                        m.l2_cache.put(off, t);
+                        if cache.peek(&off).is_none() {
+                            cache.put(off, t);
+                        }
                     }
                 }
                 let cs = self.geo.cluster_size();
@@ -817,7 +836,7 @@ impl Qcow2 {
             .map(|&i| {
                 (
                     h.l1_table_offset + i as u64 * 8,
-                    m.l1[i].to_be_bytes().to_vec(),
+                    self.l1[i].load(Ordering::Acquire).to_be_bytes().to_vec(),
                 )
             })
             .collect();
