@@ -359,6 +359,67 @@ fn larger_backing(s: &Scratch) -> Chain {
     }
 }
 
+/// A 16-image chain; every layer writes its own (unaligned, overlapping) range and every
+/// other layer zeroes a cluster.
+fn deep_chain(s: &Scratch) -> Chain {
+    let base = Qcow2::new().size(4 * MIB).create(&s.join("layer00.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x10 0 2M"]);
+    let mut images = vec![base];
+    for i in 1..16u64 {
+        let name = format!("layer{i:02}.qcow2");
+        let below = images
+            .last()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let img = Qcow2::new()
+            .backing_name(&below, "qcow2")
+            .create(&s.join(&name));
+        let mut cmds = vec![format!(
+            "write -P {:#x} {} {}",
+            0x10 + i,
+            i * 256 * KIB + i * 512,
+            64 * KIB + i * 512
+        )];
+        if i % 2 == 0 {
+            cmds.push(format!("write -z {} 64k", i * 256 * KIB - 128 * KIB));
+        }
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io_cmds(&img, &cmds);
+        images.push(img);
+    }
+    let top = images.pop().unwrap();
+    Chain {
+        top,
+        backing: images,
+        cluster: 64 * KIB,
+    }
+}
+
+/// base <- leaf created with `leaf` options (refcount width, lazy refcounts,
+/// preallocation): copy-on-read must keep the leaf's metadata valid.
+fn leaf_with_options(s: &Scratch, leaf: Qcow2) -> Chain {
+    let base = Qcow2::new().size(4 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 3M"]);
+    let top = leaf.backing(&base).create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0x02 100k 10k",
+            "write -z 1M 64k",
+            "write -P 0x03 2100224 70k",
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base],
+        cluster: 64 * KIB,
+    }
+}
+
 type Builder = fn(&Scratch) -> Chain;
 
 /// Every chain of the read matrix, by name.
@@ -385,6 +446,27 @@ fn all_cases() -> Vec<(&'static str, Builder)> {
         ("odd_size", odd_size),
         ("smaller_backing", smaller_backing),
         ("larger_backing", larger_backing),
+        ("deep_chain", deep_chain),
+        ("refcount_bits_1", |s| {
+            leaf_with_options(s, Qcow2::new().option("refcount_bits=1"))
+        }),
+        ("refcount_bits_64_lazy", |s| {
+            leaf_with_options(
+                s,
+                Qcow2::new()
+                    .option("refcount_bits=64")
+                    .option("lazy_refcounts=on"),
+            )
+        }),
+        ("prealloc_metadata_extended_l2", |s| {
+            leaf_with_options(
+                s,
+                Qcow2::new()
+                    .size(4 * MIB)
+                    .extended_l2(true)
+                    .option("preallocation=metadata"),
+            )
+        }),
     ]
 }
 
@@ -495,6 +577,17 @@ read_matrix_tests! {
     read_size_not_cluster_multiple => odd_size;
     read_backing_smaller_than_top => smaller_backing;
     read_backing_larger_than_top => larger_backing;
+    read_deep_chain_16 => deep_chain;
+    read_leaf_refcount_bits_1 => |s| leaf_with_options(s, Qcow2::new().option("refcount_bits=1"));
+    read_leaf_refcount_bits_64_lazy_refcounts => |s| {
+        leaf_with_options(s, Qcow2::new().option("refcount_bits=64").option("lazy_refcounts=on"))
+    };
+    read_leaf_preallocated_extended_l2 => |s| {
+        leaf_with_options(
+            s,
+            Qcow2::new().size(4 * MIB).extended_l2(true).option("preallocation=metadata"),
+        )
+    };
 }
 
 /// Relative IMAGE and MOUNTPOINT arguments are resolved against the caller's cwd.
