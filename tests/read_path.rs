@@ -420,6 +420,56 @@ fn leaf_with_options(s: &Scratch, leaf: Qcow2) -> Chain {
     }
 }
 
+/// A 6 MiB random base under a leaf with 512-byte clusters and 64-bit refcounts: one
+/// refcount block covers only 32 KiB and the first refcount table 2 MiB of the leaf, so
+/// copying the base into the leaf must grow the refcount table several times.
+fn refcount_table_growth(s: &Scratch) -> Chain {
+    let base = create_raw_from(&s.join("src.raw"), &random_bytes(6, 6 * MIB as usize));
+    let base = Qcow2::new().convert_from(&base, &s.join("base.qcow2"), false);
+    fs::remove_file(s.join("src.raw")).unwrap();
+    qemu_io_cmds(&base, &["write -z 5M 512k"]);
+    let top = Qcow2::new()
+        .cluster_size(512)
+        .option("refcount_bits=64")
+        .backing(&base)
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(&top, &["write -P 0x02 1000k 3k", "write -z 2M 4k"]);
+    Chain {
+        top,
+        backing: vec![base],
+        cluster: 512,
+    }
+}
+
+/// extended_l2 with 2 MiB clusters (64 KiB subclusters) over a 4 KiB-cluster base.
+fn extended_l2_2m(s: &Scratch) -> Chain {
+    let base = Qcow2::new()
+        .size(8 * MIB)
+        .cluster_size(4 * KIB)
+        .create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 7M"]);
+    let top = Qcow2::new()
+        .cluster_size(2 * MIB)
+        .extended_l2(true)
+        .backing(&base)
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0x02 64k 64k",
+            "write -P 0x03 2200k 10k",
+            "write -z 4M 128k",
+            "write -P 0x04 6M 2M",
+            "write -z 6400k 64k",
+        ],
+    );
+    Chain {
+        top,
+        backing: vec![base],
+        cluster: 64 * KIB,
+    }
+}
+
 type Builder = fn(&Scratch) -> Chain;
 
 /// Every chain of the read matrix, by name.
@@ -447,6 +497,8 @@ fn all_cases() -> Vec<(&'static str, Builder)> {
         ("smaller_backing", smaller_backing),
         ("larger_backing", larger_backing),
         ("deep_chain", deep_chain),
+        ("refcount_table_growth", refcount_table_growth),
+        ("extended_l2_2m", extended_l2_2m),
         ("refcount_bits_1", |s| {
             leaf_with_options(s, Qcow2::new().option("refcount_bits=1"))
         }),
@@ -578,6 +630,8 @@ read_matrix_tests! {
     read_backing_smaller_than_top => smaller_backing;
     read_backing_larger_than_top => larger_backing;
     read_deep_chain_16 => deep_chain;
+    read_leaf_refcount_table_growth => refcount_table_growth;
+    read_extended_l2_2m_clusters => extended_l2_2m;
     read_leaf_refcount_bits_1 => |s| leaf_with_options(s, Qcow2::new().option("refcount_bits=1"));
     read_leaf_refcount_bits_64_lazy_refcounts => |s| {
         leaf_with_options(s, Qcow2::new().option("refcount_bits=64").option("lazy_refcounts=on"))
