@@ -268,13 +268,19 @@ fn send(mountpoint: &Path, cmd: &str) -> i32 {
     }
 }
 
-fn read_status(mountpoint: &Path) -> Result<String, String> {
+type StatusLines = Vec<(String, std::collections::BTreeMap<String, String>)>;
+
+/// Reads and parses `.control`; prints the error and returns None if it cannot.
+fn read_status(mountpoint: &Path) -> Option<StatusLines> {
     let path = mountpoint.join(CONTROL_NAME);
     let mut s = String::new();
-    std::fs::File::open(&path)
-        .and_then(|mut f| f.read_to_string(&mut s))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(s)
+    match std::fs::File::open(&path).and_then(|mut f| f.read_to_string(&mut s)) {
+        Ok(_) => Some(control::parse_status(&s)),
+        Err(e) => {
+            eprintln!("streamfs: {}: {e}", path.display());
+            None
+        }
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -322,14 +328,9 @@ fn render_line(name: &str, kv: &std::collections::BTreeMap<String, String>) -> S
 fn status(mountpoint: &Path, watch: bool) -> i32 {
     let tty = std::io::stdout().is_terminal();
     loop {
-        let text = match read_status(mountpoint) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("streamfs: {e}");
-                return 1;
-            }
+        let Some(lines) = read_status(mountpoint) else {
+            return 1;
         };
-        let lines = control::parse_status(&text);
         if watch && tty {
             print!("\x1b[H\x1b[2J");
         }
@@ -354,17 +355,10 @@ fn wait_for_job(mountpoint: &Path, name: &str) -> i32 {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     loop {
-        let text = match read_status(mountpoint) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("streamfs: {e}");
-                return 1;
-            }
+        let Some(lines) = read_status(mountpoint) else {
+            return 1;
         };
-        let Some((_, kv)) = control::parse_status(&text)
-            .into_iter()
-            .find(|(n, _)| n == name)
-        else {
+        let Some((_, kv)) = lines.into_iter().find(|(n, _)| n == name) else {
             eprintln!("streamfs: {name} disappeared from the status");
             return 1;
         };

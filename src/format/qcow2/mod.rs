@@ -297,6 +297,16 @@ impl Qcow2 {
         Error::corrupt(&self.path, msg)
     }
 
+    /// The refcount logic's access to this file, allocating from `next_free`.
+    fn ref_io<'a>(&'a self, next_free: &'a mut u64) -> FileRefIo<'a> {
+        FileRefIo {
+            file: &self.file,
+            path: &self.path,
+            cluster_size: self.geo.cluster_size(),
+            next_free,
+        }
+    }
+
     fn l2_offset(&self, l1_index: u64) -> Result<u64> {
         let entry = self
             .l1
@@ -489,12 +499,7 @@ impl Qcow2 {
             h.refcount_table_offset,
             h.refcount_table_clusters as u64,
         );
-        let mut io = FileRefIo {
-            file: &self.file,
-            path: &self.path,
-            cluster_size: cs,
-            next_free: &mut m.next_free,
-        };
+        let mut io = self.ref_io(&mut m.next_free);
         if let Some(last) = refs.last_used_cluster(&mut io)? {
             *io.next_free = (*io.next_free).max((last + 1) * cs);
         }
@@ -538,12 +543,7 @@ impl Qcow2 {
             }
             if let NewCluster::Data { host, fresh: true } = *st {
                 let refs = m.refs.as_mut().expect("loaded");
-                let mut io = FileRefIo {
-                    file: &self.file,
-                    path: &self.path,
-                    cluster_size: cs,
-                    next_free: &mut m.next_free,
-                };
+                let mut io = self.ref_io(&mut m.next_free);
                 refs.adjust(host / cs, 1, &mut io)?;
             }
         }
@@ -664,12 +664,7 @@ impl Qcow2 {
         }
         let table = if off == 0 {
             let refs = m.refs.as_mut().expect("loaded");
-            let mut io = FileRefIo {
-                file: &self.file,
-                path: &self.path,
-                cluster_size: cs,
-                next_free: &mut m.next_free,
-            };
+            let mut io = self.ref_io(&mut m.next_free);
             let new_off = io.alloc_clusters(1)?;
             refs.adjust(new_off / cs, 1, &mut io)?;
             // Cached before the L1 entry is published, so a reader that sees the new
@@ -770,12 +765,7 @@ impl Qcow2 {
                     released.extend((0..n).map(|i| off / cs + i));
                 }
                 if let Some(refs) = m.refs.as_mut() {
-                    let mut io = FileRefIo {
-                        file: &self.file,
-                        path: &self.path,
-                        cluster_size: cs,
-                        next_free: &mut m.next_free,
-                    };
+                    let mut io = self.ref_io(&mut m.next_free);
                     for c in released {
                         if let Err(e) = refs.adjust(c, -1, &mut io) {
                             log::warn!(
