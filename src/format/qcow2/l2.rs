@@ -20,7 +20,8 @@ pub enum ClusterState {
     Data { host: u64, copied: bool },
     /// Compressed: `len` bytes starting at `host` (not aligned) hold the compressed stream.
     Compressed { host: u64, len: u64 },
-    /// Extended L2 with mixed subclusters (bit x of `alloc`/`zero` = subcluster x).
+    /// Extended L2 with mixed subclusters (bit x of `alloc`/`zero` = subcluster x), or
+    /// none at all in a preallocated host cluster.
     Mixed {
         host: u64,
         alloc: u32,
@@ -154,6 +155,14 @@ impl Geometry {
             ));
         }
         Ok(match (alloc, zero) {
+            // Nothing here, but a preallocated host cluster may be: keep it so it gets
+            // filled in place instead of leaking.
+            (0, 0) if host != 0 => ClusterState::Mixed {
+                host,
+                alloc,
+                zero,
+                copied,
+            },
             (0, 0) => ClusterState::Unallocated,
             (ALL_SUB, _) => ClusterState::Data { host, copied },
             (0, ALL_SUB) => ClusterState::Zero { host },
@@ -282,7 +291,19 @@ mod tests {
     #[test]
     fn extended_entries() {
         let host = 0x30000 | COPIED;
-        assert_eq!(EXT.decode(host, 0).unwrap(), ClusterState::Unallocated);
+        assert_eq!(EXT.decode(0, 0).unwrap(), ClusterState::Unallocated);
+        let prealloc = EXT.decode(host, 0).unwrap();
+        assert_eq!(
+            prealloc,
+            ClusterState::Mixed {
+                host: 0x30000,
+                alloc: 0,
+                zero: 0,
+                copied: true
+            }
+        );
+        assert_eq!(prealloc.sub(5), SubState::Unallocated);
+        assert!(!prealloc.fully_allocated());
         assert_eq!(
             EXT.decode(host, 0xffff_ffff).unwrap(),
             ClusterState::Data {
