@@ -789,7 +789,8 @@ fn external_data_file_is_read_or_refused() {
     let base = Qcow2::new().size(2 * MIB).create(&s.join("base.qcow2"));
     qemu_io_cmds(&base, &["write -P 0x01 0 2M"]);
     let top = Qcow2::new()
-        .option("data_file=top.data")
+        // Absolute: qemu-img creates a relative data file in its working directory.
+        .option(&format!("data_file={}", s.join("top.data").display()))
         .backing(&base)
         .create(&s.join("top.qcow2"));
     qemu_io_cmds(&top, &["write -P 0x02 64k 64k"]);
