@@ -995,14 +995,22 @@ pub fn qemu_img_output(args: &[&str]) -> Output {
     run_tool_output("qemu-img", args)
 }
 
-/// `qemu-io ARGS`; returns stdout, panics with full stderr on failure (non-zero exit, or
-/// a command reporting "... failed:").
+/// True when qemu-io output reports a failed command: "... failed: ..." or a `-P` read's
+/// "Pattern verification failed at ..." (which `aio_read` reports with exit status 0).
+fn qemu_io_reports_failure(text: &str) -> bool {
+    text.contains("failed:") || text.contains("Pattern verification failed")
+}
+
+/// `qemu-io ARGS`; returns stdout, panics with full stderr on failure (non-zero exit, a
+/// command reporting "... failed:", or a pattern verification failure).
 pub fn qemu_io(args: &[&str]) -> String {
     let out = run_tool_output("qemu-io", args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && !stdout.contains("failed:") && !stderr.contains("failed:"),
+        out.status.success()
+            && !qemu_io_reports_failure(&stdout)
+            && !qemu_io_reports_failure(&stderr),
         "qemu-io {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
