@@ -7,7 +7,9 @@
 #   BENCH_SIZE_MB (1024)   virtual size of the test chains
 #   BENCH_RUNTIME (10)     seconds per time-based fio run
 #   BENCH_DEPTH   (32)     depth of the deep chain in the read section
+#   BENCH_REPEAT  (3)      runs per target in the cold cor and stream measurements (median shown)
 #   BENCH_STREAM_TIMEOUT (300) seconds before a stream job counts as hung
+#   BENCH_LAT_TIMEOUT (120) the same for the stream under guest load
 #   BENCH_DIR     (/var/tmp) where the temp dir goes (must not be tmpfs)
 #   BENCH_RESULTS (scripts/bench-results.txt) tables are appended here
 #   BENCH_NO_BUILD=1       don't run `cargo build --release` first
@@ -23,6 +25,8 @@ SIZE=$((SIZE_MB * 1024 * 1024))
 RUNTIME=${BENCH_RUNTIME:-10}
 DEPTH=${BENCH_DEPTH:-32}
 STREAM_TIMEOUT=${BENCH_STREAM_TIMEOUT:-300}
+REPEAT=${BENCH_REPEAT:-3}
+LAT_TIMEOUT=${BENCH_LAT_TIMEOUT:-120}
 SFS=${STREAMFS:-$ROOT/target/release/streamfs}
 RESULTS=${BENCH_RESULTS:-$ROOT/scripts/bench-results.txt}
 QMP="$ROOT/scripts/qmp.py"
@@ -57,6 +61,7 @@ MOUNTS=()
 cleanup() {
     set +e
     local p m
+    [[ -z $NOISE_PID ]] || kill "$NOISE_PID" 2>/dev/null
     for p in "${QSD_PIDS[@]}"; do kill "$p" 2>/dev/null; done
     for p in "${QSD_PIDS[@]}"; do reap "$p" 10; done
     for m in "${MOUNTS[@]}"; do
@@ -99,6 +104,31 @@ ratio() {
 pct() {
     [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] || { echo -; return; }
     ratio "$(calc "$1 * 100")" "$2" "%.0f%%"
+}
+
+# median V...: median of numbers ("-" if none); range V...: "min-max"
+median() { (($#)) || { echo -; return; }; printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+range() { (($# > 1)) || { echo -; return; }; printf '%s\n' "$@" | sort -g | awk 'NR == 1 { a = $1 } { b = $1 } END { print a "-" b }'; }
+
+# record whether a compiler runs while a section measures (the machine has 2 cores)
+NOISE_PID=""
+noise_start() {
+    : >"$WORK/noise"
+    (while :; do
+        if pgrep -x rustc >/dev/null || pgrep -x cc1 >/dev/null; then echo 1; else echo 0; fi
+        sleep 1
+    done >>"$WORK/noise") &
+    NOISE_PID=$!
+}
+noise_stop() {
+    [[ -n $NOISE_PID ]] || return 0
+    kill "$NOISE_PID" 2>/dev/null || true
+    wait "$NOISE_PID" 2>/dev/null || true
+    NOISE_PID=""
+    local busy total
+    busy=$(grep -c 1 "$WORK/noise" || true)
+    total=$(wc -l <"$WORK/noise")
+    ((busy == 0)) || echo "   NOTE: a compiler was running during ${busy} of ${total} s of this section: numbers are noisy"
 }
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
@@ -190,6 +220,14 @@ qsd_start() {
     log "qsd $id did not come up:"
     cat "$WORK/$id.qsd.log" >&2
     return 1
+}
+# qsd_diag: where the threads of a stuck qsd wait (for the report)
+qsd_diag() {
+    local t
+    log "qsd $QSD_PID looks stuck; its threads (comm wchan):"
+    for t in /proc/"$QSD_PID"/task/*; do
+        echo "    $(cat "$t/comm" 2>/dev/null) $(cat "$t/wchan" 2>/dev/null)" >&2
+    done
 }
 qsd_stop() {
     kill "$QSD_PID" 2>/dev/null || true
@@ -321,6 +359,7 @@ section_read() {
     qemu-img convert -O qcow2 "$w/deep.raw" "$w/flat.qcow2"
     warm "$w"/*.qcow2 "$w/base.raw"
     quiet_machine
+    noise_start
 
     local o="$w/fio.json"
     # measure LABEL FILE -> sets R_SEQ R_RAND
@@ -366,18 +405,20 @@ section_read() {
 
     out "== read: ${SIZE_MB} MiB chain (fully populated leaf over empty base), images warm in page cache =="
     out "   seq: fio ${SEQ_READ[*]} ${TIMED[*]}; rand: fio ${RAND_READ[*]} ${TIMED[*]}"
+    out "   ceiling: the raw file read through the page cache (same jobs with --direct=0, rand with psync);"
+    out "   the daemons read warm qcow2 files from the page cache too; O_DIRECT on the raw file measures the disk"
     out "$(row target 'seq MiB/s' 'x qsd' '% ceiling' 'rand IOPS' 'x qsd' '% ceiling')"
     local k label
-    for k in raw rawpc qsd_plain qsd_iothread sfs; do
+    for k in rawpc raw qsd_plain qsd_iothread sfs; do
         case $k in
-        raw) label="raw file O_DIRECT (ceiling)" ;;
-        rawpc) label="raw file page cache (direct=0)" ;;
+        raw) label="raw file O_DIRECT (disk)" ;;
+        rawpc) label="raw file page cache (ceiling)" ;;
         qsd_plain) label="qsd fuse export" ;;
         qsd_iothread) label="qsd fuse export + iothread" ;;
         sfs) label="streamfs --read-only${sfs_note}" ;;
         esac
-        out "$(row "$label" "${S[$k]}" "$(ratio "${S[$k]}" "${S[qsd_plain]}")" "$(pct "${S[$k]}" "${S[raw]}")" \
-            "${R[$k]}" "$(ratio "${R[$k]}" "${R[qsd_plain]}")" "$(pct "${R[$k]}" "${R[raw]}")")"
+        out "$(row "$label" "${S[$k]}" "$(ratio "${S[$k]}" "${S[qsd_plain]}")" "$(pct "${S[$k]}" "${S[rawpc]}")" \
+            "${R[$k]}" "$(ratio "${R[$k]}" "${R[qsd_plain]}")" "$(pct "${R[$k]}" "${R[rawpc]}")")"
     done
     [[ ${S[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
 
@@ -412,6 +453,9 @@ section_read() {
             "$(ratio "${DS[${k}_deep]}" "${DS[qsd_deep]}")" "${DR[${k}_deep]}" \
             "$(ratio "${DR[${k}_deep]}" "${DR[${k}_flat]}")" "$(ratio "${DR[${k}_deep]}" "${DR[qsd_deep]}")")"
     done
+    local NOTE
+    NOTE=$(noise_stop)
+    [[ -z $NOTE ]] || out "$NOTE"
     flush_table
     rm -f "$w"/d[0-9]*.qcow2 "$w/deep.raw" "$w/flat.qcow2" "$w/full.qcow2" "$w/empty.qcow2"
 }
@@ -421,57 +465,70 @@ section_cor() {
     prep_base
     local w=$WORK o="$WORK/fio.json"
     declare -A MB SEC DUR LEAF
-    # cor_one KEY: MB SEC DUR LEAF for one target, file in F, stop command in STOP
-    local k t0 t1 t2 ok
+    local k t0 t1 t2 ok rep F
     local once=(--rw=read --bs=1M --direct=1 --ioengine=psync --runtime=300)
+    local keys=(sfs qsd qsd_direct raw cp)
+    for k in "${keys[@]}"; do MB[$k]="" SEC[$k]="" DUR[$k]="" LEAF[$k]=-; done
     quiet_machine
-    for k in sfs qsd qsd_direct; do
-        MB[$k]=- SEC[$k]=- DUR[$k]=- LEAF[$k]=-
-        rm -f "$w/leaf.qcow2"
-        new_leaf "$w/leaf.qcow2" base.qcow2
-        ok=0
-        case $k in
-        sfs) sfs_mount "$w/m-cor" vm.raw "$w/leaf.qcow2" && F="$w/m-cor/vm.raw" && ok=1 ;;
-        qsd) qsd_start qsd-cor "$w/leaf.qcow2" cor && F=$QSD_FILE && ok=1 ;;
-        qsd_direct) qsd_start qsd-cor-direct "$w/leaf.qcow2" cor direct && F=$QSD_FILE && ok=1 ;;
-        esac
-        ((ok)) || continue
-        log "cor: $k"
-        drop_caches
-        t0=$(now)
-        if fio_run "$o" "$F" "${once[@]}"; then
-            t1=$(now)
-            MB[$k]=$(fio_get "$o" read mibs)
-            SEC[$k]=$(secs "$(calc "$t1 - $t0")")
-        fi
-        if [[ $k = sfs ]]; then sfs_umount "$w/m-cor" || true; else qsd_stop; fi
-        sync
-        t2=$(now)
-        [[ ${SEC[$k]} = - ]] || DUR[$k]=$(secs "$(calc "$t2 - $t0")")
-        LEAF[$k]=$(leaf_mib "$w/leaf.qcow2")
-        log "  $k: ${MB[$k]} MiB/s, read ${SEC[$k]} s, durable ${DUR[$k]} s, leaf ${LEAF[$k]} MiB"
+    noise_start
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+        for k in "${keys[@]}"; do
+            log "cor: $k (run $rep/$REPEAT)"
+            if [[ $k = cp ]]; then
+                drop_caches
+                t0=$(now)
+                cp "$w/base.qcow2" "$w/copy.qcow2"
+                sync
+                t1=$(now)
+                rm -f "$w/copy.qcow2"
+                DUR[cp]+=" $(secs "$(calc "$t1 - $t0")")"
+                MB[cp]+=" $(calc "sprintf(\"%.0f\", $SIZE_MB / ($t1 - $t0))")"
+                continue
+            fi
+            if [[ $k = raw ]]; then
+                drop_caches
+                fio_run "$o" "$w/base.raw" "${once[@]}" &&
+                    MB[raw]+=" $(fio_get "$o" read mibs)" SEC[raw]+=" $(fio_get "$o" read secs)"
+                continue
+            fi
+            rm -f "$w/leaf.qcow2"
+            new_leaf "$w/leaf.qcow2" base.qcow2
+            ok=0
+            case $k in
+            sfs) sfs_mount "$w/m-cor" vm.raw "$w/leaf.qcow2" && F="$w/m-cor/vm.raw" && ok=1 ;;
+            qsd) qsd_start qsd-cor "$w/leaf.qcow2" cor && F=$QSD_FILE && ok=1 ;;
+            qsd_direct) qsd_start qsd-cor-direct "$w/leaf.qcow2" cor direct && F=$QSD_FILE && ok=1 ;;
+            esac
+            ((ok)) || continue
+            drop_caches
+            t0=$(now)
+            local good=0
+            if fio_run "$o" "$F" "${once[@]}"; then
+                t1=$(now)
+                good=1
+                MB[$k]+=" $(fio_get "$o" read mibs)"
+                SEC[$k]+=" $(secs "$(calc "$t1 - $t0")")"
+            fi
+            if [[ $k = sfs ]]; then sfs_umount "$w/m-cor" || true; else qsd_stop; fi
+            sync
+            t2=$(now)
+            ((good)) && DUR[$k]+=" $(secs "$(calc "$t2 - $t0")")"
+            LEAF[$k]=$(leaf_mib "$w/leaf.qcow2")
+            log "  $k: MiB/s${MB[$k]}; durable s${DUR[$k]}; leaf ${LEAF[$k]} MiB"
+        done
     done
-    log "cor: cold O_DIRECT read of the raw file"
-    MB[raw]=- SEC[raw]=- DUR[raw]=- LEAF[raw]=-
-    drop_caches
-    if fio_run "$o" "$w/base.raw" "${once[@]}"; then
-        MB[raw]=$(fio_get "$o" read mibs) SEC[raw]=$(fio_get "$o" read secs)
-    fi
-    log "cor: cp base.qcow2 + sync (floor)"
-    drop_caches
-    t0=$(now)
-    cp "$w/base.qcow2" "$w/copy.qcow2"
-    sync
-    t1=$(now)
-    DUR[cp]=$(secs "$(calc "$t1 - $t0")") SEC[cp]=- LEAF[cp]=-
-    MB[cp]=$(calc "sprintf(\"%.0f\", $SIZE_MB / ${DUR[cp]})")
-    rm -f "$w/copy.qcow2" "$w/leaf.qcow2"
+    rm -f "$w/leaf.qcow2"
+    local NOTE
+    NOTE=$(noise_stop)
 
     out "== cor: cold sequential read of a ${SIZE_MB} MiB chain (all data in base, empty leaf), caches dropped =="
-    out "   fio ${once[*]} (one pass); durable = read + unmount/stop + sync"
-    out "$(row target 'MiB/s' 'x qsd' '% floor' 'read s' 'durable s' 'leaf MiB')"
-    local label
-    for k in sfs qsd qsd_direct raw cp; do
+    out "   fio ${once[*]} (one pass); durable = read + unmount/stop + sync; median of $REPEAT runs (min-max)"
+    out "$(row target 'MiB/s' 'range' 'x qsd' '% floor' 'read s' 'durable s' 'leaf MiB')"
+    local label m
+    declare -A MED
+    # shellcheck disable=SC2086
+    for k in "${keys[@]}"; do MED[$k]=$(median ${MB[$k]}); done
+    for k in "${keys[@]}"; do
         case $k in
         sfs) label="streamfs (copy-on-read)" ;;
         qsd) label="qsd copy-on-read filter" ;;
@@ -479,10 +536,13 @@ section_cor() {
         raw) label="raw file O_DIRECT read (no copy)" ;;
         cp) label="cp base + sync (floor)" ;;
         esac
-        out "$(row "$label" "${MB[$k]}" "$(ratio "${MB[$k]}" "${MB[qsd]}")" "$(pct "${MB[$k]}" "${MB[cp]}")" \
-            "${SEC[$k]}" "${DUR[$k]}" "${LEAF[$k]}")"
+        m=${MED[$k]}
+        # shellcheck disable=SC2086
+        out "$(row "$label" "$m" "$(range ${MB[$k]})" "$(ratio "$m" "${MED[qsd]}")" "$(pct "$m" "${MED[cp]}")" \
+            "$(median ${SEC[$k]})" "$(median ${DUR[$k]})" "${LEAF[$k]}")"
     done
-    [[ ${MB[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
+    [[ ${MED[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
+    [[ -z $NOTE ]] || out "$NOTE"
     flush_table
 }
 
@@ -496,6 +556,7 @@ section_write() {
     cp "$w/base.raw" "$w/scratch.raw"
     sync
     quiet_machine
+    noise_start
     for k in raw qsd qsd_iothread sfs; do
         SW[$k]=- RW[$k]=-
         local pass
@@ -540,6 +601,9 @@ section_write() {
             "${RW[$k]}" "$(ratio "${RW[$k]}" "${RW[qsd]}")" "$(pct "${RW[$k]}" "${RW[raw]}")")"
     done
     [[ ${SW[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
+    local NOTE
+    NOTE=$(noise_stop)
+    [[ -z $NOTE ]] || out "$NOTE"
     flush_table
 }
 
@@ -562,45 +626,59 @@ section_stream() {
     prep_base
     local w=$WORK k t0 t1
     declare -A ST OK
+    local rep t
     quiet_machine
-    # 1) stream time, no guest I/O, caches dropped
-    for k in sfs qsd; do
-        ST[$k]=- OK[$k]=-
-        rm -f "$w/leaf.qcow2"
-        new_leaf "$w/leaf.qcow2" base.qcow2
-        if [[ $k = sfs ]]; then
-            sfs_mount "$w/m-s" vm.raw "$w/leaf.qcow2" || continue
-            log "stream: streamfs"
-            drop_caches
-            sfs_stream "$w/m-s" vm.raw && ST[sfs]=$(calc "$STREAM_T1 - $STREAM_T0")
-            sfs_umount "$w/m-s" || true
-        else
-            qsd_start qsd-s "$w/leaf.qcow2" ro qmp || continue
-            log "stream: qsd block-stream"
-            drop_caches
-            local r
-            if r=$(timeout -k 5 $((STREAM_TIMEOUT + 10)) "$QMP" "$QSD_SOCK" stream q --timeout "$STREAM_TIMEOUT"); then
-                ST[qsd]=${r##*elapsed=}
+    noise_start
+    # 1) stream time, no guest I/O, caches dropped; REPEAT rounds, median
+    for k in sfs qsd cp; do ST[$k]="" OK[$k]=-; done
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+        for k in sfs qsd cp; do
+            log "stream: $k (run $rep/$REPEAT)"
+            t=-
+            rm -f "$w/leaf.qcow2"
+            new_leaf "$w/leaf.qcow2" base.qcow2
+            if [[ $k = cp ]]; then
+                drop_caches
+                t0=$(now)
+                cp "$w/base.qcow2" "$w/copy.qcow2"
+                sync
+                t1=$(now)
+                rm -f "$w/copy.qcow2"
+                ST[cp]+=" $(secs "$(calc "$t1 - $t0")")"
+                continue
+            elif [[ $k = sfs ]]; then
+                sfs_mount "$w/m-s" vm.raw "$w/leaf.qcow2" || continue
+                drop_caches
+                sfs_stream "$w/m-s" vm.raw && t=$(secs "$(calc "$STREAM_T1 - $STREAM_T0")")
+                sfs_umount "$w/m-s" || true
+            else
+                qsd_start qsd-s "$w/leaf.qcow2" ro qmp || continue
+                drop_caches
+                local r
+                if r=$(timeout -k 5 $((STREAM_TIMEOUT + 10)) "$QMP" "$QSD_SOCK" stream q --timeout "$STREAM_TIMEOUT"); then
+                    t=$(secs "${r##*elapsed=}")
+                fi
+                qsd_stop
             fi
-            qsd_stop
-        fi
-        if [[ ${ST[$k]} != - ]]; then
-            if has_backing "$w/leaf.qcow2"; then OK[$k]="BACKING-LEFT"; else OK[$k]=no-backing; fi
-            qemu-img check -q "$w/leaf.qcow2" || OK[$k]+=",CHECK-FAILED"
-            local m
-            m=$(leaf_mib "$w/leaf.qcow2")
-            OK[$k]+=",${m}MiB"
-        fi
-        log "  $k: ${ST[$k]} s (${OK[$k]})"
+            if [[ $t != - ]]; then
+                ST[$k]+=" $t"
+                if has_backing "$w/leaf.qcow2"; then OK[$k]="BACKING-LEFT"; else OK[$k]=no-backing; fi
+                qemu-img check -q "$w/leaf.qcow2" || OK[$k]+=",CHECK-FAILED"
+                OK[$k]+=",$(leaf_mib "$w/leaf.qcow2")MiB"
+            else
+                OK[$k]=FAILED
+            fi
+            log "  $k: ${t} s (${OK[$k]})"
+        done
     done
-    log "stream: cp + sync (floor)"
-    drop_caches
-    t0=$(now)
-    cp "$w/base.qcow2" "$w/copy.qcow2"
-    sync
-    t1=$(now)
-    ST[cp]=$(calc "$t1 - $t0") OK[cp]=-
-    rm -f "$w/copy.qcow2"
+    rm -f "$w/leaf.qcow2"
+    declare -A RANGE
+    for k in sfs qsd cp; do
+        # shellcheck disable=SC2086
+        RANGE[$k]=$(range ${ST[$k]})
+        # shellcheck disable=SC2086
+        ST[$k]=$(median ${ST[$k]})
+    done
 
     # 2) guest 4k random read latency, idle then during an unthrottled stream
     local idle=5
@@ -630,21 +708,26 @@ section_stream() {
         sleep "$idle"
         s0=$(now)
         if [[ $k = sfs ]]; then
-            sfs_stream "$w/m-l" vm.raw && ok=1 && s0=$STREAM_T0 s1=$STREAM_T1
+            STREAM_TIMEOUT=$LAT_TIMEOUT sfs_stream "$w/m-l" vm.raw && ok=1 && s0=$STREAM_T0 s1=$STREAM_T1
         else
             local r
-            if r=$(timeout -k 5 $((STREAM_TIMEOUT + 10)) "$QMP" "$QSD_SOCK" stream q --timeout "$STREAM_TIMEOUT"); then
+            if r=$(timeout -k 5 $((LAT_TIMEOUT + 10)) "$QMP" "$QSD_SOCK" stream q --timeout "$LAT_TIMEOUT"); then
                 ok=1
                 s0=${r#start=} s0=${s0%% *}
                 s1=${r#*end=} s1=${s1%% *}
             fi
         fi
         sleep 0.5
+        [[ $k = sfs ]] || ((ok)) || log "fio state: $(cat "/proc/$fpid/wchan" 2>/dev/null) $(awk '{print $3}' "/proc/$fpid/stat" 2>/dev/null)"
         kill -INT "$fpid" 2>/dev/null || true
         reap "$fpid" 30
         if [[ $k = sfs ]]; then sfs_umount "$w/m-l" || true; else qsd_stop; fi
-        ((ok)) || s1=$(now)
-        (($(calc "$s1 - $s0 >= $STREAM_TIMEOUT"))) && how=timeout
+        if ((!ok)); then
+            s1=$(now)
+            (($(calc "($s1 - $s0 >= $LAT_TIMEOUT - 1)"))) && how=timeout
+            [[ $k = qsd ]] && qsd_diag
+            LAT[$k]="- - 0 - - 0 $how"
+        fi
         if [[ -f $w/lat_clat.1.log ]]; then
             # skip the first second (cold start) of the idle window
             LAT[$k]="$(lat_window "$w/lat_clat.1.log" "$(calc "$fstart + 1")" "$s0") $(lat_window "$w/lat_clat.1.log" "$s0" "$s1")"
@@ -655,7 +738,8 @@ section_stream() {
     rm -f "$w/leaf.qcow2" "$w"/lat_*.log
 
     out "== stream: full stream of a ${SIZE_MB} MiB chain (all data in base, empty leaf), caches dropped first =="
-    out "$(row target 'seconds' 'MiB/s' 'x qsd time' '% floor' 'leaf after')"
+    out "   median of $REPEAT runs (min-max); streamfs: echo start > .control, poll until state=completed; qsd: QMP block-stream until BLOCK_JOB_COMPLETED"
+    out "$(row target 'seconds' 'range' 'MiB/s' 'x qsd time' '% floor' 'leaf after')"
     local label
     for k in sfs qsd cp; do
         case $k in
@@ -665,8 +749,7 @@ section_stream() {
         esac
         local mbs=-
         [[ ${ST[$k]} = - ]] || mbs=$(calc "sprintf(\"%.0f\", $SIZE_MB / ${ST[$k]})")
-        [[ ${ST[$k]} = - ]] || ST[$k]=$(calc "sprintf(\"%.2f\", ${ST[$k]})")
-        out "$(row "$label" "${ST[$k]}" "$mbs" "$(ratio "${ST[$k]}" "${ST[qsd]}")" "$(pct "${ST[cp]}" "${ST[$k]}")" "${OK[$k]}")"
+        out "$(row "$label" "${ST[$k]}" "${RANGE[$k]}" "$mbs" "$(ratio "${ST[$k]}" "${ST[qsd]}")" "$(pct "${ST[cp]}" "${ST[$k]}")" "${OK[$k]}")"
     done
     [[ ${ST[sfs]} = - ]] && out "   streamfs: n/a ($SFS_WHY)"
     out "== stream: guest latency, fio ${lat[*]:0:5} (us); ${idle}s idle then during an unthrottled stream =="
@@ -680,6 +763,9 @@ section_stream() {
         out "$(row "$label" "${a[0]}" "${a[1]}" "${a[3]}" "${a[4]}" "$(ratio "${a[3]}" "${a[0]}")" \
             "$(ratio "${a[4]}" "${a[1]}")" "${a[6]}")"
     done
+    local NOTE
+    NOTE=$(noise_stop)
+    [[ -z $NOTE ]] || out "$NOTE"
     flush_table
 }
 
