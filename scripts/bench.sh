@@ -115,7 +115,7 @@ NOISE_PID=""
 noise_start() {
     : >"$WORK/noise"
     (while :; do
-        if pgrep -x rustc >/dev/null || pgrep -x cc1 >/dev/null; then echo 1; else echo 0; fi
+        if pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; then echo 1; else echo 0; fi
         sleep 1
     done >>"$WORK/noise") &
     NOISE_PID=$!
@@ -128,7 +128,7 @@ noise_stop() {
     local busy total
     busy=$(grep -c 1 "$WORK/noise" || true)
     total=$(wc -l <"$WORK/noise")
-    ((busy == 0)) || echo "   NOTE: a compiler was running during ${busy} of ${total} s of this section: numbers are noisy"
+    ((busy == 0)) || echo "   NOTE: cargo (a build or test run) was running during ${busy} of ${total} s of this section: numbers are noisy"
 }
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
@@ -137,8 +137,8 @@ warm() { cat "$@" >/dev/null; }
 # wait until no compiler is running (benchmarks are noisy otherwise)
 quiet_machine() {
     local n=0
-    while pgrep -x rustc >/dev/null || pgrep -x cc1 >/dev/null; do
-        ((n == 0)) && log "waiting for running builds (rustc) to finish before measuring..."
+    while pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; do
+        ((n == 0)) && log "waiting for running cargo builds/tests to finish before measuring..."
         ((n++ < 120)) || { log "WARNING: builds still running, measuring anyway"; return; }
         sleep 5
     done
