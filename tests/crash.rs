@@ -14,9 +14,8 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,41 +36,6 @@ const ITERS_PER_LEAF: usize = 6;
 const MAGIC: &[u8; 8] = b"SFSCRASH";
 
 // ---------------------------------------------------------------------------------------------
-// Helpers (not in tests/common)
-// ---------------------------------------------------------------------------------------------
-
-fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed;
-    for chunk in buf.chunks_mut(8) {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
-}
-
-fn check_status(image: &Path) -> (i32, String) {
-    let out = qemu_img_output(&["check", "-f", "qcow2", ps(image)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Block contents
 // ---------------------------------------------------------------------------------------------
 
@@ -87,7 +51,7 @@ enum Content {
 }
 
 fn write_block(buf: &mut [u8], b: usize, v: u64) {
-    fill(
+    fill_splitmix(
         &mut buf[24..],
         (b as u64) << 40 ^ v.wrapping_mul(0x2545_f491_4f6c_dd1d),
     );
@@ -207,17 +171,8 @@ struct Shared {
 /// that must return the latest content. Returns the number of operations, `Err` for a
 /// real failure (wrong data, or an error that a killed daemon does not explain).
 fn writer(file: PathBuf, sh: Shared, mut rng: StdRng, next_version: u64) -> Result<u64, String> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&file)
-        .map_err(|e| format!("open: {e}"))?;
-    let d = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&file)
-        .map_err(|e| format!("open O_DIRECT: {e}"))?;
+    let f = open_rw(&file).map_err(|e| format!("open: {e}"))?;
+    let d = open_rw_direct(&file).map_err(|e| format!("open O_DIRECT: {e}"))?;
     let mut version = next_version;
     let mut n = 0u64;
     // Stops quietly on errors from the killed daemon.
@@ -266,11 +221,7 @@ fn writer(file: PathBuf, sh: Shared, mut rng: StdRng, next_version: u64) -> Resu
                 }
             }
             70..=77 => {
-                let mode = if rng.gen_bool(0.5) {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE
-                };
+                let mode = if rng.gen_bool(0.5) { PUNCH } else { ZERO_RANGE };
                 sh.log.lock().unwrap().record(first, count, Content::Zero);
                 io!("fallocate", fallocate(&f, mode, off, len as u64));
             }
@@ -427,7 +378,7 @@ fn crash_loop() {
     // base (64 KiB clusters, 24 MiB of data) <- mid (32 KiB clusters, data and zero
     // clusters); leaves are created over mid.
     let mut data = vec![0u8; SIZE as usize];
-    fill(&mut data[..24 * MIB as usize], seed);
+    fill_splitmix(&mut data[..24 * MIB as usize], seed);
     let raw = create_raw_from(&s.join("base-data.raw"), &data);
     drop(data);
     let base = Qcow2::new().convert_from(&raw, &s.join("base.qcow2"), false);

@@ -45,6 +45,10 @@ impl Chain {
     fn size(&self) -> u64 {
         self.reference.len() as u64
     }
+    /// `qemu-img compare` finds the chain identical to the reference.
+    fn assert_compare(&self) {
+        assert_identical_to_raw("chain vs reference", &self.top, &self.ref_raw);
+    }
 }
 
 /// A qcow2 image of `size` bytes filled with incompressible random data.
@@ -177,37 +181,6 @@ fn pathdiff(target: &Path, from: &Path) -> String {
 // ---------------------------------------------------------------------------------------------
 // qemu-img checks
 // ---------------------------------------------------------------------------------------------
-
-/// `qemu-img compare` of the chain at `image` with the raw reference: identical.
-fn assert_compare(image: &Path, raw: &Path) {
-    let out = qemu_img_output(&["compare", "-f", "qcow2", "-F", "raw", ps(image), ps(raw)]);
-    assert!(
-        out.status.success(),
-        "qemu-img compare {image:?} {raw:?} -> {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `qemu-img check` exit code (the leaf alone: its backing files are not opened, so this
-/// also works while a backing file is unreadable).
-fn check_code(image: &Path) -> (i32, String) {
-    let spec = serde_json::json!({
-        "driver": "qcow2",
-        "backing": null,
-        "file": {"driver": "file", "filename": ps(image)},
-    });
-    let out = qemu_img_output(&["check", &format!("json:{spec}")]);
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 /// The leaf has no backing file according to `qemu-img info`.
 fn assert_no_backing(image: &Path) {
@@ -537,7 +510,7 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
 
     // The backing link is gone on disk already (durably rewritten), qemu agrees.
     assert_no_backing(&c.top);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 
     // The backing file can be deleted while mounted: both the mount and QEMU still read it.
     for b in &c.backing {
@@ -545,7 +518,7 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
     }
     assert_mount_reads(&m, &name, &c.reference);
     check_random_preads(&m.file(&name), c.reference.clone().into(), 64 * KIB, 200, 7);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
     qemu_io(&[
         "-r",
         "-f",
@@ -556,10 +529,10 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
     ]);
     m.umount();
 
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(code, 0, "qemu-img check after a full stream:\n{out}");
     assert_no_backing(&c.top);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
     qemu_io(&[
         "-r",
         "-f",
@@ -621,7 +594,7 @@ fn stream_keeping_base(s: &Scratch, c: &Chain, base_arg: &str) {
         );
     };
     check_link();
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 
     // The streamed-out layers may go; the kept base is still used.
     for mid in &c.backing[..c.backing.len() - 1] {
@@ -630,10 +603,10 @@ fn stream_keeping_base(s: &Scratch, c: &Chain, base_arg: &str) {
     assert_mount_reads(&m, &name, &c.reference);
     m.umount();
 
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(code, 0, "qemu-img check:\n{out}");
     check_link();
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
     // The leaf only lacks what the base provides: map depth is 0 or 1, never deeper.
     let chain_json = qemu_img(&[
         "info",
@@ -728,9 +701,9 @@ fn range_stream_allocates_only_that_range() {
         after, want,
         "leaf allocation after range streams (before: {before:?})"
     );
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(code, 0, "{out}");
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 
     // A full stream afterwards copies only what the ranges did not.
     let m = s.mount(&[&c.top], &["--no-copy-on-read"]);
@@ -748,7 +721,7 @@ fn range_stream_allocates_only_that_range() {
     assert_eq!(num(&done, "layers"), 1, "{}", done.raw);
     m.umount();
     assert_no_backing(&c.top);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 #[test]
@@ -773,10 +746,10 @@ fn umount_during_stream_keeps_progress() {
         "umount during a throttled stream took {:?}",
         t.elapsed()
     );
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(code, 0, "{out}");
     assert_eq!(backing_filename(&c.top), link);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 
     let m = s.mount(&[&c.top], &["--no-copy-on-read"]);
     let idle = job(&m, &name);
@@ -791,7 +764,7 @@ fn umount_during_stream_keeps_progress() {
     assert_eq!(num(&done, "copied"), missing2, "{}", done.raw);
     m.umount();
     assert_no_backing(&c.top);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 #[test]
@@ -827,9 +800,9 @@ fn stream_with_raw_base_keeps_its_format() {
         Some("raw"),
         "the kept raw base must be recorded with its format: {info:#}"
     );
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(code, 0, "{out}");
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -898,9 +871,9 @@ fn cancel_then_restart_continues_without_recopying() {
     assert_mount_reads(&m, &name, &c.reference);
     m.umount();
     assert_no_backing(&c.top);
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(code, 0, "{out}");
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 #[test]
@@ -956,7 +929,7 @@ fn pause_resume_and_speed_zero() {
     assert_mount_reads(&m, &name, &c.reference);
     m.umount();
     assert_no_backing(&c.top);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 #[test]
@@ -1000,7 +973,7 @@ fn pause_takes_effect_promptly_on_a_slow_job() {
     );
     assert_eq!(state(&job(&m, &name)), "cancelled");
     m.umount();
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 #[test]
@@ -1065,7 +1038,7 @@ fn speed_limit_is_respected() {
     ctl_ok(&m, &format!("speed {name} 0"));
     wait_completed(&m, &name, Duration::from_secs(20));
     m.umount();
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 #[test]
@@ -1120,7 +1093,7 @@ fn offset_and_copied_advance_while_throttled() {
     );
     ctl_ok(&m, &format!("cancel {name}"));
     m.umount();
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1253,7 +1226,7 @@ fn control_errors_have_their_errno() {
     wait_completed(&m, &name, STREAM_TIMEOUT);
     ctl_fails(&m, &format!("pause {name}"), libc::ESRCH);
     m.umount();
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 
     // EROFS for start on a read-only mount (no job to act on otherwise).
     let c2 = two_layer(s.path(), "ro", 16 * MIB, 9, false);
@@ -1479,7 +1452,7 @@ fn writes_during_streams_are_never_lost() {
     assert_mount_reads(&m3, &deep.name(), &deep_model);
     m3.umount();
     assert_eq!(backing_filename(&deep.top).as_deref(), Some("base.qcow2"));
-    let (code, out) = check_code(&deep.top);
+    let (code, out) = check_status_leaf_only(&deep.top);
     assert_eq!(code, 0, "{out}");
     assert_bytes_eq(
         "stream with base: leaf after unmount vs model",
@@ -1503,7 +1476,7 @@ fn writes_during_streams_are_never_lost() {
 
     for (c, model) in [(&fast, &fast_model), (&slow, &slow_model)] {
         assert_no_backing(&c.top);
-        let (code, out) = check_code(&c.top);
+        let (code, out) = check_status_leaf_only(&c.top);
         assert_eq!(code, 0, "{:?}: {out}", c.top);
         let flat = raw_reference(&c.top);
         assert_bytes_eq(&format!("{:?} after unmount vs model", c.top), &flat, model);
@@ -1550,7 +1523,7 @@ fn kill_9_during_stream_then_remount_and_finish() {
     assert!(out.status.success(), "umount -l: {}", show(&out));
     m.assert_gone(EXIT_TIMEOUT);
 
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert!(
         code == 0 || code == 3,
         "qemu-img check after kill -9 exited {code} (want 0, or 3 for leaks):\n{out}"
@@ -1581,7 +1554,7 @@ fn kill_9_during_stream_then_remount_and_finish() {
     assert_mount_reads(&m, &name, &model);
     m.umount();
     assert_no_backing(&c.top);
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert!(
         code == 0 || code == 3,
         "qemu-img check exited {code}:\n{out}"
@@ -1665,7 +1638,7 @@ fn unreadable_backing_fails_the_job_then_resumes() {
     );
 
     // The leaf is consistent and keeps its link.
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(
         code, 0,
         "qemu-img check of the leaf after the failure:\n{out}"
@@ -1723,9 +1696,9 @@ fn unreadable_backing_fails_the_job_then_resumes() {
     assert_mount_reads(&m, &name, &c.reference);
     m.umount();
     assert_no_backing(&c.top);
-    let (code, out) = check_code(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
     assert_eq!(code, 0, "{out}");
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1775,9 +1748,9 @@ fn two_chains_stream_at_once() {
     m.umount();
     for c in [&a, &b] {
         assert_no_backing(&c.top);
-        let (code, out) = check_code(&c.top);
+        let (code, out) = check_status_leaf_only(&c.top);
         assert_eq!(code, 0, "{out}");
-        assert_compare(&c.top, &c.ref_raw);
+        c.assert_compare();
     }
 }
 
@@ -1908,7 +1881,7 @@ fn cli_start_wait_status_and_errors() {
     m.umount();
     for c in [&a, &b] {
         assert_no_backing(&c.top);
-        assert_compare(&c.top, &c.ref_raw);
+        c.assert_compare();
     }
 }
 
@@ -1934,9 +1907,9 @@ fn mount_stream_completes_by_itself() {
     m.umount();
     for c in [&a, &b] {
         assert_no_backing(&c.top);
-        let (code, out) = check_code(&c.top);
+        let (code, out) = check_status_leaf_only(&c.top);
         assert_eq!(code, 0, "{out}");
-        assert_compare(&c.top, &c.ref_raw);
+        c.assert_compare();
     }
 
     // --stream with --speed: the jobs start throttled.
@@ -1951,5 +1924,5 @@ fn mount_stream_completes_by_itself() {
     wait_completed(&m, &c.name(), STREAM_TIMEOUT);
     m.umount();
     assert_no_backing(&c.top);
-    assert_compare(&c.top, &c.ref_raw);
+    c.assert_compare();
 }

@@ -9,69 +9,9 @@
 mod common;
 
 use common::*;
-use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-// ---------------------------------------------------------------------------------------------
-// Local helpers (not in tests/common)
-// ---------------------------------------------------------------------------------------------
-
-fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
-
-fn open_rw(path: &Path, direct: bool) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {path:?} rw (direct={direct}): {e}"))
-}
-
-fn check_status(image: &Path) -> (i32, String) {
-    let out = qemu_img_output(&["check", "-f", "qcow2", ps(image)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn assert_compare_identical(leaf: &Path, raw: &Path, what: &str) {
-    let out = qemu_img_output(&["compare", "-f", "qcow2", "-F", "raw", ps(leaf), ps(raw)]);
-    assert!(
-        out.status.code() == Some(0),
-        "{what}: qemu-img compare {leaf:?} {raw:?} -> {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed;
-    for chunk in buf.chunks_mut(8) {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The chain
@@ -93,9 +33,9 @@ fn build(s: &Scratch, size: u64, c: u64, leaf_opts: Qcow2, seed: u64) -> Setup {
     let mut data = vec![0u8; size as usize];
     for (k, chunk) in data.chunks_mut(64 * KIB as usize).enumerate() {
         match k % 5 {
-            0 | 1 => fill(chunk, seed ^ k as u64),
+            0 | 1 => fill_splitmix(chunk, seed ^ k as u64),
             2 => chunk.fill(0x10 + (k % 7) as u8),
-            3 => fill(&mut chunk[..5000], seed ^ !(k as u64)),
+            3 => fill_splitmix(&mut chunk[..5000], seed ^ !(k as u64)),
             _ => {}
         }
     }
@@ -194,8 +134,8 @@ fn full_check(file: &Path, model: &[u8], what: &str) {
 /// Runs `ops` random operations on the mounted `file` and on `model`; returns the model.
 fn workload(file: PathBuf, st: &Setup, mut model: Vec<u8>, ops: usize, seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let f = open_rw(&file, false);
-    let d = open_rw(&file, true);
+    let f = open_rw(&file).expect("open read-write");
+    let d = open_rw_direct(&file).expect("open read-write O_DIRECT");
     let size = st.size;
     let mut stats = Stats::default();
     for i in 0..ops {
@@ -208,7 +148,7 @@ fn workload(file: PathBuf, st: &Setup, mut model: Vec<u8>, ops: usize, seed: u64
                 match rng.gen_range(0..10) {
                     0 => {}
                     1..=2 => data.fill(rng.gen()),
-                    _ => fill(&mut data, rng.gen()),
+                    _ => fill_splitmix(&mut data, rng.gen()),
                 }
                 f.write_all_at(&data, off)
                     .unwrap_or_else(|e| panic!("{}", ctx(format!("write {len}@{off}: {e}"))));
@@ -219,7 +159,7 @@ fn workload(file: PathBuf, st: &Setup, mut model: Vec<u8>, ops: usize, seed: u64
                 let off = gen_off(&mut rng, st) / 4096 * 4096;
                 let len = (gen_len(&mut rng, st).div_ceil(4096) * 4096).min(size - off);
                 let mut buf = AlignedBuf::new(len as usize, 4096);
-                fill(&mut buf, rng.gen());
+                fill_splitmix(&mut buf, rng.gen());
                 let n = d.write_at(&buf, off).unwrap_or_else(|e| {
                     panic!("{}", ctx(format!("O_DIRECT write {len}@{off}: {e}")))
                 });
@@ -318,7 +258,7 @@ fn run_model(size: u64, c: u64, leaf_opts: Qcow2) {
         "qemu-img check after the workload (seed {seed}):\n{text}"
     );
     let raw = create_raw_from(&s.join("model.raw"), &model);
-    assert_compare_identical(&st.leaf, &raw, &format!("leaf vs model (seed {seed})"));
+    assert_identical_to_raw(&format!("leaf vs model (seed {seed})"), &st.leaf, &raw);
     let info = qemu_img_info(&st.leaf);
     assert_eq!(
         info["format-specific"]["data"]["compat"], info_before["format-specific"]["data"]["compat"],

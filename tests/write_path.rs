@@ -7,10 +7,8 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -20,59 +18,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------------
 // Local helpers (not in tests/common)
 // ---------------------------------------------------------------------------------------------
-
-/// `fallocate(2)` on `f`.
-fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
-
-fn open_rw(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {path:?} rw: {e}"))
-}
-
-fn open_rw_direct(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {path:?} rw O_DIRECT: {e}"))
-}
-
-/// Exit status and output of `qemu-img check` (0 clean, 3 leaks only, 2 corruption).
-fn check_status(image: &Path) -> (i32, String) {
-    let out = qemu_img_output(&["check", "-f", "qcow2", ps(image)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-/// Asserts `qemu-img compare` finds the chain of `leaf` and the raw file `raw` identical.
-fn assert_compare_identical(leaf: &Path, raw: &Path) {
-    let out = qemu_img_output(&["compare", "-f", "qcow2", "-F", "raw", ps(leaf), ps(raw)]);
-    assert!(
-        out.status.code() == Some(0),
-        "qemu-img compare {leaf:?} {raw:?} -> {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `qemu-img map --output=json` of the chain of `image` as raw JSON objects.
 fn map_json(image: &Path) -> Vec<serde_json::Value> {
@@ -129,25 +74,6 @@ fn inner_aligned(start: u64, end: u64, g: u64) -> Option<(u64, u64)> {
     let s = start.div_ceil(g) * g;
     let e = end / g * g;
     (s < e).then_some((s, e))
-}
-
-/// Fast deterministic fill (splitmix64) for pattern data.
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed;
-    for chunk in buf.chunks_mut(8) {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fill(&mut v, seed);
-    v
 }
 
 /// Runs `umount -l DIR` (bounded).
@@ -284,7 +210,7 @@ fn cor_full_read(leaf_opts: Qcow2, granularity: u64, zero_clusters: bool) {
     }
     let (code, text) = check_status(&leaf);
     assert_eq!(code, 0, "qemu-img check after copy-on-read:\n{text}");
-    assert_compare_identical(&leaf, &ref_raw);
+    assert_identical_to_raw("leaf after copy-on-read vs reference", &leaf, &ref_raw);
     for (b, bytes) in backing.iter().zip(&backing_bytes) {
         assert!(
             &fs::read(b).unwrap() == bytes,
@@ -458,8 +384,8 @@ fn concurrency(leaf_opts: Qcow2, cluster: u64) {
                 let reference = reference.clone();
                 handles.push(thread::spawn(move || -> Result<(usize, BlockModel, u64), String> {
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(100 + t as u64));
-                    let f = open_rw(&file);
-                    let d = open_rw_direct(&file);
+                    let f = open_rw(&file).expect("open read-write");
+                    let d = open_rw_direct(&file).expect("open read-write O_DIRECT");
                     let mut model: HashMap<usize, Vec<u8>> = HashMap::new();
                     let mut version = 0u64;
                     let mut ops = 0u64;
@@ -503,14 +429,14 @@ fn concurrency(leaf_opts: Qcow2, cluster: u64) {
                         let pseed = ((t as u64) << 56) ^ ((b as u64) << 24) ^ version;
                         match rng.gen_range(0..100) {
                             0..=44 => {
-                                let data = pattern(BLK, pseed);
+                                let data = splitmix_bytes(BLK, pseed);
                                 f.write_all_at(&data, off)
                                     .map_err(|e| format!("writer {t}: write block {b}: {e}"))?;
                                 model.insert(b, data);
                             }
                             45..=64 => {
                                 let mut buf = AlignedBuf::new(BLK, 4096);
-                                fill(&mut buf, pseed);
+                                fill_splitmix(&mut buf, pseed);
                                 let n = d
                                     .write_at(&buf, off)
                                     .map_err(|e| format!("writer {t}: O_DIRECT write block {b}: {e}"))?;
@@ -523,7 +449,7 @@ fn concurrency(leaf_opts: Qcow2, cluster: u64) {
                                 // Unaligned piece of the block.
                                 let start = rng.gen_range(0..BLK - 1);
                                 let len = rng.gen_range(1..=BLK - start);
-                                let data = pattern(len, pseed);
+                                let data = splitmix_bytes(len, pseed);
                                 f.write_all_at(&data, off + start as u64)
                                     .map_err(|e| format!("writer {t}: write {len}@{}: {e}", off + start as u64))?;
                                 let mut m = cur(&model, b);
@@ -632,7 +558,7 @@ fn concurrency(leaf_opts: Qcow2, cluster: u64) {
     let (code, text) = check_status(&leaf);
     assert_eq!(code, 0, "qemu-img check (seed {seed}):\n{text}");
     let model_raw = create_raw_from(&s.join("model.raw"), &want);
-    assert_compare_identical(&leaf, &model_raw);
+    assert_identical_to_raw(&format!("leaf vs model (seed {seed})"), &leaf, &model_raw);
 }
 
 #[test]
@@ -757,7 +683,7 @@ fn qemu_io_direct_parallel_aio() {
     let (code, text) = check_status(&leaf);
     assert_eq!(code, 0, "qemu-img check:\n{text}");
     let model = create_raw_from(&s.join("model.raw"), &want);
-    assert_compare_identical(&leaf, &model);
+    assert_identical_to_raw("leaf vs model", &leaf, &model);
 }
 
 /// The harness's `qemu_io` fails on a `-P` read whose data does not match, also for
@@ -809,10 +735,10 @@ fn enospc_leaf_on_full_filesystem() {
 
     let m = s.mount(&[&leaf], &[]);
     let file = m.file("top.raw");
-    let f = open_rw(&file);
+    let f = open_rw(&file).expect("open read-write");
     // Region A (first 1 MiB) is written while there is space.
     for k in 0..16u64 {
-        let data = pattern(64 * KIB as usize, seed ^ k);
+        let data = splitmix_bytes(64 * KIB as usize, seed ^ k);
         f.write_all_at(&data, k * 64 * KIB)
             .expect("write with free space");
         model[(k * 64 * KIB) as usize..][..data.len()].copy_from_slice(&data);
@@ -834,7 +760,7 @@ fn enospc_leaf_on_full_filesystem() {
     for i in 0..32u64 {
         let off = rng.gen_range(0..MIB / 4096) * 4096;
         let len = (rng.gen_range(1..=8u64) * 4096).min(MIB - off);
-        let data = pattern(len as usize, seed ^ (1000 + i));
+        let data = splitmix_bytes(len as usize, seed ^ (1000 + i));
         f.write_all_at(&data, off)
             .unwrap_or_else(|e| panic!("overwrite of allocated data {len}@{off} failed: {e}"));
         model[off as usize..][..len as usize].copy_from_slice(&data);
@@ -846,7 +772,7 @@ fn enospc_leaf_on_full_filesystem() {
     for i in 0..400u64 {
         let off = rng.gen_range(MIB / 4096..SIZE / 4096) * 4096;
         let len = (rng.gen_range(1..=16u64) * 4096).min(SIZE - off);
-        let data = pattern(len as usize, seed ^ (5000 + i));
+        let data = splitmix_bytes(len as usize, seed ^ (5000 + i));
         let blocks = off as usize / BLK..(off + len) as usize / BLK;
         match f.write_all_at(&data, off) {
             Ok(()) => {
@@ -940,11 +866,11 @@ fn clean_exit_persists_unsynced_writes() {
     ];
     for (name, end) in ends {
         let m = s.mount(&[&leaf], &[]);
-        let f = open_rw(&m.file("top.raw"));
+        let f = open_rw(&m.file("top.raw")).expect("open read-write");
         for i in 0..50 {
             let off = rng.gen_range(0..8 * MIB - 1);
             let len = rng.gen_range(1..=200 * KIB).min(8 * MIB - off);
-            let data = pattern(len as usize, seed ^ i);
+            let data = splitmix_bytes(len as usize, seed ^ i);
             f.write_all_at(&data, off).unwrap();
             want[off as usize..(off + len) as usize].copy_from_slice(&data);
         }
@@ -956,6 +882,6 @@ fn clean_exit_persists_unsynced_writes() {
         let (code, text) = check_status(&leaf);
         assert_eq!(code, 0, "after {name}: qemu-img check:\n{text}");
         let model = create_raw_from(&s.join("model.raw"), &want);
-        assert_compare_identical(&leaf, &model);
+        assert_identical_to_raw(&format!("after {name}: leaf vs model"), &leaf, &model);
     }
 }

@@ -1236,6 +1236,46 @@ pub fn qemu_img_check(image: &Path) {
     );
 }
 
+/// Exit code of a tool run and its stdout followed by its stderr.
+fn code_and_text(out: &Output) -> (i32, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Exit code and output of `qemu-img check -f qcow2 image` (0 clean, 3 leaks only, 2
+/// corruption).
+pub fn check_status(image: &Path) -> (i32, String) {
+    code_and_text(&qemu_img_output(&["check", "-f", "qcow2", ps(image)]))
+}
+
+/// Like [`check_status`] for the qcow2 leaf alone: its backing files are not opened, so
+/// this also works while a backing file is unreadable.
+pub fn check_status_leaf_only(image: &Path) -> (i32, String) {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "backing": null,
+        "file": {"driver": "file", "filename": ps(image)},
+    });
+    code_and_text(&qemu_img_output(&["check", &format!("json:{spec}")]))
+}
+
+/// Asserts `qemu-img compare` finds the chain of the qcow2 `image` and the raw file `raw`
+/// identical (`what` says which comparison failed).
+pub fn assert_identical_to_raw(what: &str, image: &Path, raw: &Path) {
+    let out = qemu_img_output(&["compare", "-f", "qcow2", "-F", "raw", ps(image), ps(raw)]);
+    assert!(
+        out.status.success(),
+        "{what}: qemu-img compare {image:?} {raw:?} -> {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `qemu-img info --output=json` of `image` (without the backing chain).
 pub fn qemu_img_info(image: &Path) -> serde_json::Value {
     let out = qemu_img(&[
@@ -1546,6 +1586,58 @@ pub fn check_concurrent_preads(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Writing
+// ---------------------------------------------------------------------------------------------
+
+/// `fallocate` mode that punches a hole (the file size is kept).
+pub const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+/// `fallocate` mode that zeroes a range.
+pub const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+/// `fallocate(2)` of `len` bytes at `off` of `file` with `mode` ([`PUNCH`], [`ZERO_RANGE`]).
+pub fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Opens `path` read-write (buffered; the file must exist).
+pub fn open_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).open(path)
+}
+
+/// Fills `buf` with fast deterministic data derived from `seed` (splitmix64).
+pub fn fill_splitmix(buf: &mut [u8], seed: u64) {
+    let mut x = seed;
+    for chunk in buf.chunks_mut(8) {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// `len` bytes of [`fill_splitmix`] data for `seed`.
+pub fn splitmix_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fill_splitmix(&mut v, seed);
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
 // O_DIRECT
 // ---------------------------------------------------------------------------------------------
 
@@ -1553,6 +1645,15 @@ pub fn check_concurrent_preads(
 pub fn open_direct(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+/// Opens `path` read-write with O_DIRECT.
+pub fn open_rw_direct(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
 }
