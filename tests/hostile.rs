@@ -21,16 +21,30 @@ fn data_cluster_pointing_at_l1_table_refuses_writes() {
     let before = read_file(&top);
 
     let m = s.mount(&[&top], &[]);
-    let f = OpenOptions::new().write(true).open(m.file("top.raw")).unwrap();
-    let err = with_timeout("write", IO_TIMEOUT, move || f.write_at(&[0xff; 4096], 0).unwrap_err());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.file("top.raw"))
+        .unwrap();
+    let err = with_timeout("write", IO_TIMEOUT, move || {
+        f.write_at(&[0xff; 4096], 0).unwrap_err()
+    });
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     // Other clusters still work.
-    let f = OpenOptions::new().write(true).open(m.file("top.raw")).unwrap();
-    with_timeout("write", IO_TIMEOUT, move || f.write_at(&[0x11; 4096], 1 << 20).unwrap());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.file("top.raw"))
+        .unwrap();
+    with_timeout("write", IO_TIMEOUT, move || {
+        f.write_at(&[0x11; 4096], 1 << 20).unwrap()
+    });
     m.umount();
 
     let after = read_file(&top);
     let l1 = l1_off as usize..l1_off as usize + 8;
-    assert_eq!(after[l1.clone()], before[l1], "the L1 table was overwritten");
+    assert_eq!(
+        after[l1.clone()],
+        before[l1],
+        "the L1 table was overwritten"
+    );
     assert_eq!(after[..72], before[..72], "the header was overwritten");
 }

@@ -108,6 +108,10 @@ pub struct Qcow2 {
     header: Mutex<Header>,
     /// L1 entries: read without locks on every lookup; changed under `meta`.
     l1: Vec<AtomicU64>,
+    /// Metadata that guest data must never overwrite: the L1 table (offset, bytes) and
+    /// the refcount table currently in the header.
+    l1_range: (u64, u64),
+    reftable_range: [AtomicU64; 2],
     /// Clean and dirty L2 tables. Hits only `peek` (shared lock, no recency update, so
     /// eviction is first-in first-out); inserts happen under `meta`, and never replace
     /// a table with a different copy of it.
@@ -242,6 +246,11 @@ impl Qcow2 {
             writable,
             geo,
             l1,
+            l1_range: (header.l1_table_offset, header.l1_size as u64 * 8),
+            reftable_range: [
+                AtomicU64::new(header.refcount_table_offset),
+                AtomicU64::new(header.refcount_table_clusters as u64 * cs),
+            ],
             l2_cache: RwLock::new(LruCache::new(NonZeroUsize::new(l2_cap).expect("nonzero"))),
             meta: Mutex::new(Meta {
                 l1_dirty: BTreeSet::new(),
@@ -517,7 +526,21 @@ impl Qcow2 {
         bump(&mut m.next_free, n, self.geo.cluster_size())
     }
 
+    /// Writes guest data at `host`. Refuses (as QEMU's overlap check does) a write that
+    /// would land on the header, the L1 table or the refcount table: only a corrupt or
+    /// hostile L2 entry points there, and writing would destroy the image.
     pub fn pwrite(&self, host: u64, buf: &[u8]) -> Result<()> {
+        let end = host + buf.len() as u64;
+        let overlaps = |(start, len): (u64, u64)| host < start + len && start < end;
+        let reftable = (
+            self.reftable_range[0].load(Ordering::Acquire),
+            self.reftable_range[1].load(Ordering::Acquire),
+        );
+        if overlaps((0, self.geo.cluster_size())) || overlaps(self.l1_range) || overlaps(reftable) {
+            return Err(self.corrupt(format!(
+                "refusing a guest write at host offset {host:#x}: it overlaps image metadata"
+            )));
+        }
         self.unsynced.store(true, Ordering::Release);
         pwrite_all(&self.file, &self.path, buf, host, "guest data")
     }
@@ -806,6 +829,13 @@ impl Qcow2 {
                     let mut h = self.header.lock();
                     h.refcount_table_offset = r.table_offset;
                     h.refcount_table_clusters = r.table_clusters as u32;
+                    // Guest data never lands in fresh table clusters (allocation only
+                    // bumps), so tracking the table from this point on is enough.
+                    self.reftable_range[0].store(r.table_offset, Ordering::Release);
+                    self.reftable_range[1].store(
+                        r.table_clusters * self.geo.cluster_size(),
+                        Ordering::Release,
+                    );
                     header = Some(h.encode().map_err(|e| header_err(&self.path, e))?);
                     freed = std::mem::take(&mut r.freed_after_header);
                 }
