@@ -18,7 +18,6 @@ use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -434,21 +433,7 @@ fn crash_loop() {
         // Kill at a random moment.
         thread::sleep(Duration::from_millis(rng.gen_range(5..400)));
         stop.store(true, Ordering::SeqCst);
-        let pid = m.pid();
-        send_signal(pid, libc::SIGKILL);
-        assert!(
-            wait_until(|| !is_alive(pid), EXIT_TIMEOUT),
-            "{what}: daemon {pid} survived SIGKILL"
-        );
-        let mut cmd = Command::new("umount");
-        cmd.arg("-l").arg(m.path());
-        let out = run_with_timeout(cmd, Duration::from_secs(10));
-        assert!(
-            out.status.success(),
-            "{what}: umount -l: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        m.assert_gone(EXIT_TIMEOUT);
+        m.kill9_and_detach(&what);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !threads.iter().all(|t| t.is_finished()) {
             assert!(

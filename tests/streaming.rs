@@ -1507,21 +1507,7 @@ fn kill_9_during_stream_then_remount_and_finish() {
     let l2 = job(&m, &name);
     assert_eq!(state(&l2), "running", "{} / {}", l.raw, l2.raw);
 
-    m.signal(libc::SIGKILL);
-    assert!(
-        wait_until(|| !m.daemon_alive(), Duration::from_secs(5)),
-        "daemon survived SIGKILL"
-    );
-    let out = run_with_timeout(
-        {
-            let mut cmd = Command::new("umount");
-            cmd.arg("-l").arg(m.path());
-            cmd
-        },
-        Duration::from_secs(10),
-    );
-    assert!(out.status.success(), "umount -l: {}", show(&out));
-    m.assert_gone(EXIT_TIMEOUT);
+    m.kill9_and_detach("kill -9 during a stream");
 
     let (code, out) = check_status_leaf_only(&c.top);
     assert!(

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,52 +18,18 @@ use std::time::{Duration, Instant};
 // Local helpers (not in tests/common)
 // ---------------------------------------------------------------------------------------------
 
-/// `qemu-img map --output=json` of the chain of `image` as raw JSON objects.
-fn map_json(image: &Path) -> Vec<serde_json::Value> {
-    let out = qemu_img(&["map", "--output=json", "-f", "qcow2", ps(image)]);
-    serde_json::from_str::<serde_json::Value>(&out)
-        .expect("qemu-img map json")
-        .as_array()
-        .expect("array")
-        .clone()
-}
-
-/// One map entry: `(start, end, depth, present, data, zero)`.
-#[derive(Clone, Debug, PartialEq)]
-struct Ext {
-    start: u64,
-    end: u64,
-    depth: u64,
-    present: bool,
-    data: bool,
-    zero: bool,
-}
-
-fn map_exts(image: &Path) -> Vec<Ext> {
-    map_json(image)
-        .iter()
-        .map(|e| {
-            let start = e["start"].as_u64().unwrap();
-            Ext {
-                start,
-                end: start + e["length"].as_u64().unwrap(),
-                depth: e["depth"].as_u64().unwrap_or(0),
-                present: e["present"].as_bool().unwrap_or(true),
-                data: e["data"].as_bool().unwrap_or(false),
-                zero: e["zero"].as_bool().unwrap_or(false),
-            }
-        })
-        .collect()
-}
-
 /// Map entries (clipped) that intersect `[start, end)`.
-fn exts_in(exts: &[Ext], start: u64, end: u64) -> Vec<Ext> {
-    exts.iter()
-        .filter(|e| e.end > start && e.start < end)
-        .map(|e| Ext {
-            start: e.start.max(start),
-            end: e.end.min(end),
-            ..e.clone()
+fn exts_in(map: &[MapEntry], start: u64, end: u64) -> Vec<MapEntry> {
+    map.iter()
+        .filter(|e| e.end() > start && e.start < end)
+        .map(|e| {
+            let s = e.start.max(start);
+            MapEntry {
+                start: s,
+                length: e.end().min(end) - s,
+                offset: e.offset.map(|o| o + (s - e.start)),
+                ..e.clone()
+            }
         })
         .collect()
 }
@@ -74,41 +39,6 @@ fn inner_aligned(start: u64, end: u64, g: u64) -> Option<(u64, u64)> {
     let s = start.div_ceil(g) * g;
     let e = end / g * g;
     (s < e).then_some((s, e))
-}
-
-/// Runs `umount -l DIR` (bounded).
-fn lazy_umount(dir: &Path) {
-    let mut cmd = Command::new("umount");
-    cmd.arg("-l").arg(dir);
-    run_with_timeout(cmd, Duration::from_secs(10));
-}
-
-/// A tmpfs mounted on a directory; lazily unmounted on drop.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn new(dir: PathBuf, size: &str) -> Tmpfs {
-        let mut cmd = Command::new("mount");
-        cmd.args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir);
-        let out = run_with_timeout(cmd, Duration::from_secs(10));
-        assert!(
-            out.status.success(),
-            "mount tmpfs on {dir:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs { dir }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if is_mounted(&self.dir) {
-            lazy_umount(&self.dir);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,7 +95,7 @@ fn cor_full_read(leaf_opts: Qcow2, granularity: u64, zero_clusters: bool) {
     let (leaf, backing) = cor_chain(&s, leaf_opts);
     let reference = raw_reference(&leaf);
     let ref_raw = create_raw_from(&s.join("reference.raw"), &reference);
-    let before = map_exts(&leaf);
+    let before = qemu_img_map(&leaf);
     let backing_bytes: Vec<Vec<u8>> = backing.iter().map(|b| fs::read(b).unwrap()).collect();
 
     let m = s.mount(&[&leaf], &[]);
@@ -173,7 +103,7 @@ fn cor_full_read(leaf_opts: Qcow2, granularity: u64, zero_clusters: bool) {
     assert_bytes_eq("full sequential read", &got, &reference);
     m.umount();
 
-    let after = map_exts(&leaf);
+    let after = qemu_img_map(&leaf);
     for e in &after {
         if e.data {
             assert_eq!(
@@ -188,7 +118,7 @@ fn cor_full_read(leaf_opts: Qcow2, granularity: u64, zero_clusters: bool) {
         .iter()
         .filter(|e| zero_clusters && e.zero && e.present && e.depth > 0)
     {
-        let Some((s0, e0)) = inner_aligned(z.start, z.end, granularity) else {
+        let Some((s0, e0)) = inner_aligned(z.start, z.end(), granularity) else {
             continue;
         };
         for e in exts_in(&after, s0, e0) {
@@ -252,7 +182,7 @@ fn no_copy_on_read_leaves_leaf_unchanged() {
     let s = Scratch::new();
     let (leaf, _) = cor_chain(&s, Qcow2::new());
     let reference: Arc<[u8]> = raw_reference(&leaf).into();
-    let before = map_json(&leaf);
+    let before = qemu_img_map(&leaf);
     let m = s.mount(&[&leaf], &["--no-copy-on-read"]);
     assert_bytes_eq("full read", &read_file(&m.file("top.raw")), &reference);
     check_random_preads(
@@ -264,7 +194,7 @@ fn no_copy_on_read_leaves_leaf_unchanged() {
     );
     m.umount();
     assert_eq!(
-        map_json(&leaf),
+        qemu_img_map(&leaf),
         before,
         "--no-copy-on-read changed the leaf's map"
     );
@@ -283,7 +213,7 @@ fn cor_read_inside_chain_hole_allocates_nothing() {
         let dir = s.subdir(name);
         let sub = SubScratch(dir.clone());
         let (leaf, _) = cor_chain_in(&sub, opts);
-        let before = map_json(&leaf);
+        let before = qemu_img_map(&leaf);
         let len_before = fs::metadata(&leaf).unwrap().len();
         let m = s.mount(&[&leaf], &[]);
         let f = File::open(m.file("top.raw")).unwrap();
@@ -300,7 +230,7 @@ fn cor_read_inside_chain_hole_allocates_nothing() {
         drop((f, d));
         m.umount();
         assert_eq!(
-            map_json(&leaf),
+            qemu_img_map(&leaf),
             before,
             "{name}: a read inside a hole of the whole chain changed the leaf's map"
         );

@@ -331,6 +331,42 @@ pub fn mountinfo_line(path: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// `umount -l DIR` (lazy detach; bounded); returns its output without checking it.
+pub fn lazy_umount(dir: &Path) -> Output {
+    let mut cmd = Command::new("umount");
+    cmd.arg("-l").arg(dir);
+    run_with_timeout(cmd, Duration::from_secs(10))
+}
+
+/// A tmpfs of `size` (e.g. "24m") mounted on a directory; lazily unmounted on drop.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts the tmpfs on the existing directory `dir`; panics on failure.
+    pub fn new(dir: PathBuf, size: &str) -> Tmpfs {
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir);
+        let out = run_with_timeout(cmd, Duration::from_secs(10));
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {dir:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            lazy_umount(&self.dir);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scratch directories
 // ---------------------------------------------------------------------------------------------
@@ -885,6 +921,27 @@ impl Mount {
         self.assert_gone(EXIT_TIMEOUT);
     }
 
+    /// A crash: SIGKILL to the daemon (asserting it dies within [`EXIT_TIMEOUT`]), then
+    /// `umount -l` of the dead mount (asserting success), then [`Mount::assert_gone`].
+    /// `what` prefixes the failure messages.
+    pub fn kill9_and_detach(self, what: &str) {
+        let pid = self.pid;
+        send_signal(pid, libc::SIGKILL);
+        assert!(
+            wait_until(|| !is_alive(pid), EXIT_TIMEOUT),
+            "{what}: daemon {pid} survived SIGKILL"
+        );
+        let out = lazy_umount(&self.mountpoint);
+        assert!(
+            out.status.success(),
+            "{what}: umount -l {:?}: {}; stderr:\n{}",
+            self.mountpoint,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.assert_gone(EXIT_TIMEOUT);
+    }
+
     /// Asserts that within `timeout` the mount disappears and the daemon exits.
     pub fn assert_gone(mut self, timeout: Duration) {
         let gone = wait_until(
@@ -1295,15 +1352,27 @@ pub fn virtual_size(image: &Path) -> u64 {
         .expect("virtual-size")
 }
 
-/// One entry of `qemu-img map --output=json`.
+/// One entry of `qemu-img map --output=json` (every field qemu-img prints, so equal maps
+/// compare equal as vectors of entries).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MapEntry {
     pub start: u64,
     pub length: u64,
     pub depth: u64,
+    /// False where no layer of the chain allocates the range (true when not printed).
+    pub present: bool,
     pub data: bool,
     pub zero: bool,
     pub compressed: bool,
+    /// Host offset in the image file, when qemu-img reports one.
+    pub offset: Option<u64>,
+}
+
+impl MapEntry {
+    /// `start + length`.
+    pub fn end(&self) -> u64 {
+        self.start + self.length
+    }
 }
 
 /// `qemu-img map --output=json image` (the whole chain, as qemu sees it).
@@ -1317,9 +1386,11 @@ pub fn qemu_img_map(image: &Path) -> Vec<MapEntry> {
             start: e["start"].as_u64().unwrap(),
             length: e["length"].as_u64().unwrap(),
             depth: e["depth"].as_u64().unwrap_or(0),
+            present: e["present"].as_bool().unwrap_or(true),
             data: e["data"].as_bool().unwrap_or(false),
             zero: e["zero"].as_bool().unwrap_or(false),
             compressed: e["compressed"].as_bool().unwrap_or(false),
+            offset: e["offset"].as_u64(),
         })
         .collect()
 }
