@@ -196,6 +196,15 @@ fn assert_no_backing(image: &Path) {
     );
 }
 
+/// After a full stream: the leaf has no backing file, `qemu-img check` of it is clean and
+/// the chain (now the leaf alone) still equals the reference.
+fn assert_fully_streamed(c: &Chain) {
+    assert_no_backing(&c.top);
+    let (code, out) = check_status_leaf_only(&c.top);
+    assert_eq!(code, 0, "{out}");
+    c.assert_compare();
+}
+
 /// The backing file name stored in `image` (None without one).
 fn backing_filename(image: &Path) -> Option<String> {
     qemu_img_info(image)["backing-filename"]
@@ -870,10 +879,7 @@ fn cancel_then_restart_continues_without_recopying() {
     assert_eq!(num(&done, "layers"), 1, "{}", done.raw);
     assert_mount_reads(&m, &name, &c.reference);
     m.umount();
-    assert_no_backing(&c.top);
-    let (code, out) = check_status_leaf_only(&c.top);
-    assert_eq!(code, 0, "{out}");
-    c.assert_compare();
+    assert_fully_streamed(&c);
 }
 
 #[test]
@@ -1681,10 +1687,7 @@ fn unreadable_backing_fails_the_job_then_resumes() {
     );
     assert_mount_reads(&m, &name, &c.reference);
     m.umount();
-    assert_no_backing(&c.top);
-    let (code, out) = check_status_leaf_only(&c.top);
-    assert_eq!(code, 0, "{out}");
-    c.assert_compare();
+    assert_fully_streamed(&c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1733,10 +1736,7 @@ fn two_chains_stream_at_once() {
     assert_mount_reads(&m, &b.name(), &b.reference);
     m.umount();
     for c in [&a, &b] {
-        assert_no_backing(&c.top);
-        let (code, out) = check_status_leaf_only(&c.top);
-        assert_eq!(code, 0, "{out}");
-        c.assert_compare();
+        assert_fully_streamed(c);
     }
 }
 
@@ -1892,10 +1892,7 @@ fn mount_stream_completes_by_itself() {
     assert_mount_reads(&m, &b.name(), &b.reference);
     m.umount();
     for c in [&a, &b] {
-        assert_no_backing(&c.top);
-        let (code, out) = check_status_leaf_only(&c.top);
-        assert_eq!(code, 0, "{out}");
-        c.assert_compare();
+        assert_fully_streamed(c);
     }
 
     // --stream with --speed: the jobs start throttled.

@@ -34,6 +34,21 @@ fn exts_in(map: &[MapEntry], start: u64, end: u64) -> Vec<MapEntry> {
         .collect()
 }
 
+/// `qemu-io -n -f raw --aio AIO -c CMD ... -c aio_flush FILE` (O_DIRECT; checked by
+/// [`qemu_io`]).
+fn qemu_io_aio(file: &Path, aio: &str, cmds: impl Iterator<Item = String>) {
+    let mut args: Vec<String> = ["-n", "-f", "raw", "--aio", aio]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    for c in cmds.chain(["aio_flush".to_string()]) {
+        args.push("-c".into());
+        args.push(c);
+    }
+    args.push(ps(file).into());
+    qemu_io(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 /// `[start, end)` shrunk to multiples of `g` (possibly empty).
 fn inner_aligned(start: u64, end: u64, g: u64) -> Option<(u64, u64)> {
     let s = start.div_ceil(g) * g;
@@ -548,41 +563,22 @@ fn qemu_io_direct_parallel_aio() {
         .map(|(_, aio, writes)| {
             let file = file.clone();
             thread::spawn(move || {
-                let mut args: Vec<String> = vec![
-                    "-n".into(),
-                    "-f".into(),
-                    "raw".into(),
-                    "--aio".into(),
-                    aio.into(),
-                ];
-                for (pat, off, len) in &writes {
-                    args.push("-c".into());
-                    args.push(format!("aio_write -P {pat:#x} {off} {len}"));
-                }
-                args.push("-c".into());
-                args.push("aio_flush".into());
-                args.push(ps(&file).into());
-                let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-                qemu_io(&a);
-                // Read back with O_DIRECT, sync and aio.
-                let mut args: Vec<String> = vec![
-                    "-n".into(),
-                    "-f".into(),
-                    "raw".into(),
-                    "--aio".into(),
-                    aio.into(),
-                ];
-                for (i, (pat, off, len)) in writes.iter().enumerate() {
-                    args.push("-c".into());
-                    let cmd = if i % 2 == 0 { "read" } else { "aio_read" };
-                    args.push(format!("{cmd} -P {pat:#x} {off} {len}"));
-                }
-                args.push("-c".into());
-                args.push("aio_flush".into());
-                args.push(ps(&file).into());
-                let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-                // qemu_io fails on "Pattern verification failed" too.
-                qemu_io(&a);
+                qemu_io_aio(
+                    &file,
+                    aio,
+                    writes
+                        .iter()
+                        .map(|(pat, off, len)| format!("aio_write -P {pat:#x} {off} {len}")),
+                );
+                // Read back with O_DIRECT, sync and aio (qemu_io fails on a pattern mismatch).
+                qemu_io_aio(
+                    &file,
+                    aio,
+                    writes.iter().enumerate().map(|(i, (pat, off, len))| {
+                        let cmd = if i % 2 == 0 { "read" } else { "aio_read" };
+                        format!("{cmd} -P {pat:#x} {off} {len}")
+                    }),
+                );
             })
         })
         .collect();
