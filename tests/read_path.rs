@@ -980,8 +980,11 @@ fn valid_image_with_backing(dir: &Path, name: &str) -> PathBuf {
     Qcow2::new().backing(&base).create(&dir.join(name))
 }
 
-/// Header corruptions: (case name, needs a backing file, patch).
-fn header_mutations() -> Vec<(&'static str, bool, fn(&Path))> {
+/// A header corruption: (case name, needs a backing file, patch).
+type HeaderMutation = (&'static str, bool, fn(&Path));
+
+/// Every header corruption the mount must reject.
+fn header_mutations() -> Vec<HeaderMutation> {
     vec![
         ("truncated_header", false, |p| {
             File::options()
