@@ -26,6 +26,8 @@ pub const ENOJOB: i32 = libc::ESRCH;
 /// Copy unit when the guest is idle, and when it is busy (smaller = shorter lock holds).
 const CHUNK_IDLE: u64 = 8 << 20;
 const CHUNK_BUSY: u64 = 256 << 10;
+/// Largest piece copied per rate-limit admission while a speed limit is set.
+const PIECE_THROTTLED: u64 = 1 << 20;
 /// Stream work waits this long after the last guest request before starting a chunk,
 /// but never more than `MAX_YIELD` in a row (so a busy guest cannot starve the stream).
 const GUEST_GRACE: Duration = Duration::from_millis(2);
@@ -225,17 +227,29 @@ impl Job {
             let (m, run) = leaf
                 .map(pos, end - pos)
                 .map_err(|e| format!("at guest offset {pos}: {e}"))?;
-            if m == Mapping::Unallocated {
-                if !self.throttle.admit(run, || self.must_stop()) {
+            let run = if m == Mapping::Unallocated {
+                // While throttled, copy in small admitted pieces so that a lower speed
+                // (or a pause) takes effect within one piece.
+                let cs = self.chain.cluster_size();
+                let piece = run.min(self.throttle.quantum(cs, PIECE_THROTTLED).div_ceil(cs) * cs);
+                let piece = if self.throttle.speed() == 0 {
+                    run
+                } else {
+                    piece
+                };
+                if !self.throttle.admit(piece, || self.must_stop()) {
                     continue; // paused or cancelled while waiting: checkpoint decides
                 }
                 let n = self
                     .chain
-                    .populate(layers, pos, run, None, self.base)
+                    .populate(layers, pos, piece, None, self.base)
                     .map_err(|e| format!("at guest offset {pos}: {e}"))?;
-                self.throttle.refund(run.saturating_sub(n));
+                self.throttle.refund(piece.saturating_sub(n));
                 self.copied.fetch_add(n, Ordering::Relaxed);
-            }
+                piece
+            } else {
+                run
+            };
             pos += run;
             self.advance(a, pos);
         }
