@@ -306,7 +306,12 @@ impl Chain {
                 }
                 Fill::Data => {
                     let bytes = &data[i * cs..(j * cs).min(data.len())];
-                    self.write_new_clusters(leaf, first + i as u64, (j - i) as u64, bytes)?;
+                    let host =
+                        self.write_new_clusters(leaf, first + i as u64, (j - i) as u64, bytes)?;
+                    // Copied data is not waiting for a guest fsync: let the disk start on
+                    // it now, so writeback overlaps the copying instead of piling up
+                    // behind the next flush.
+                    leaf.start_writeback(host, bytes.len() as u64);
                     copied += bytes.len() as u64;
                 }
                 Fill::Complete(state) => {
@@ -363,7 +368,8 @@ impl Chain {
 
     /// Allocates `n` fresh clusters for guest clusters starting at `first`, writes
     /// `bytes` (zero padded to whole clusters) and points the L2 entries at them.
-    fn write_new_clusters(&self, leaf: &Qcow2, first: u64, n: u64, bytes: &[u8]) -> Result<()> {
+    /// Returns the host offset of the first new cluster.
+    fn write_new_clusters(&self, leaf: &Qcow2, first: u64, n: u64, bytes: &[u8]) -> Result<u64> {
         let cs = self.cluster_size;
         let host = leaf.allocate(n)?;
         if bytes.len() as u64 == n * cs {
@@ -379,7 +385,8 @@ impl Chain {
                 fresh: true,
             })
             .collect();
-        leaf.set_clusters(first, &states)
+        leaf.set_clusters(first, &states)?;
+        Ok(host)
     }
 
     // ---- writing ----

@@ -20,6 +20,7 @@ pub mod refcount;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -543,6 +544,20 @@ impl Qcow2 {
         }
         self.unsynced.store(true, Ordering::Release);
         pwrite_all(&self.file, &self.path, buf, host, "guest data")
+    }
+
+    /// Asks the kernel to start writing [host, host+len) to disk now, without waiting
+    /// (a hint: errors are ignored, a later fdatasync reports them).
+    pub fn start_writeback(&self, host: u64, len: u64) {
+        // SAFETY: sync_file_range on our own fd; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                host as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 
     /// Installs new states for guest clusters `first..first+states.len()`. The caller
