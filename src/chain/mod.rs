@@ -56,7 +56,7 @@ pub struct Chain {
     cluster_size: u64,
     copy_on_read: bool,
     read_only: bool,
-    layers: RwLock<Arc<Vec<Arc<Layer>>>>,
+    layers: RwLock<Arc<Layers>>,
     locks: ClusterLocks,
     pub counters: Counters,
     epoch: Instant,
@@ -90,7 +90,7 @@ impl Chain {
                 && top.as_qcow2().is_some()
                 && layers.len() > 1,
             read_only,
-            layers: RwLock::new(Arc::new(layers)),
+            layers: RwLock::new(Arc::new(Layers::new(layers))),
             locks: ClusterLocks::default(),
             counters: Counters::default(),
             epoch: Instant::now(),
@@ -112,7 +112,7 @@ impl Chain {
     pub fn copy_on_read(&self) -> bool {
         self.copy_on_read
     }
-    pub fn layers(&self) -> Arc<Vec<Arc<Layer>>> {
+    pub fn layers(&self) -> Arc<Layers> {
         self.layers.read().clone()
     }
     pub fn now_ns(&self) -> u64 {
@@ -125,7 +125,7 @@ impl Chain {
         GuestIo(self)
     }
 
-    fn leaf_qcow2<'a>(&self, layers: &'a [Arc<Layer>]) -> Option<&'a Qcow2> {
+    fn leaf_qcow2<'a>(&self, layers: &'a Layers) -> Option<&'a Qcow2> {
         layers[0].image.as_qcow2()
     }
 
@@ -168,7 +168,7 @@ impl Chain {
     /// a guest read: the data is then served from the backing images without copying.
     pub fn populate(
         &self,
-        layers: &[Arc<Layer>],
+        layers: &Layers,
         off: u64,
         len: u64,
         mut out: Option<&mut [u8]>,
@@ -448,7 +448,7 @@ impl Chain {
     /// chain's data (copy-on-write), then allocates or reuses its host cluster.
     fn write_locked(
         &self,
-        layers: &[Arc<Layer>],
+        layers: &Layers,
         leaf: &Qcow2,
         first: u64,
         end: u64,
@@ -638,7 +638,7 @@ impl Chain {
 
     /// Replaces the layer list (after a stream removed backing layers).
     pub fn set_layers(&self, layers: Vec<Arc<Layer>>) {
-        *self.layers.write() = Arc::new(layers);
+        *self.layers.write() = Arc::new(Layers::new(layers));
     }
 
     /// Serializes with guest writes on clusters [first, end) (used by streaming).
@@ -647,9 +647,90 @@ impl Chain {
     }
 }
 
+/// A chain's images, top (leaf) first, with hints for deep chains: which backing layer
+/// answers for a small guest granule. Backing images never change, so a hint stays true
+/// for as long as this list lives; a new list (after a stream or a reopen) starts empty.
+pub struct Layers {
+    list: Vec<Arc<Layer>>,
+    /// log2 of the granule (the smallest (sub)cluster of any backing qcow2), 0 = no hints.
+    granule_bits: u32,
+    /// Hints apply below every layer's end only (layer sizes may cut a granule).
+    hint_limit: u64,
+    /// Direct-mapped: ((granule + 1) << 8) | first answering layer index, 0 = empty.
+    hints: Box<[AtomicU64]>,
+}
+
+/// Hints are worth their memory only when a read would otherwise walk several layers.
+const HINT_MIN_DEPTH: usize = 4;
+const HINT_SLOTS: usize = 1 << 16;
+
+impl Layers {
+    fn new(list: Vec<Arc<Layer>>) -> Layers {
+        let granule = list[1.min(list.len())..]
+            .iter()
+            .filter_map(|l| l.image.as_qcow2().map(|q| q.geometry().subcluster_size()))
+            .min();
+        let (granule_bits, hints) = match granule {
+            Some(g) if list.len() >= HINT_MIN_DEPTH => (
+                g.trailing_zeros(),
+                (0..HINT_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            ),
+            _ => (0, Box::default()),
+        };
+        let hint_limit = list.iter().map(|l| l.image.size()).min().unwrap_or(0);
+        Layers {
+            list,
+            granule_bits,
+            hint_limit,
+            hints,
+        }
+    }
+
+    /// The first layer from index 1 down that answers for `off` (by data, zeros, or its
+    /// end), remembered per granule; None when hints do not apply to [off, off+len).
+    fn hinted_start(&self, off: u64, len: u64) -> Result<Option<usize>> {
+        let bits = self.granule_bits;
+        if bits == 0
+            || len == 0
+            || off + len > self.hint_limit
+            || off >> bits != (off + len - 1) >> bits
+        {
+            return Ok(None);
+        }
+        let g = off >> bits;
+        let slot = &self.hints[(g as usize) % HINT_SLOTS];
+        let e = slot.load(Ordering::Relaxed);
+        if e >> 8 == g + 1 {
+            return Ok(Some((e & 0xff) as usize));
+        }
+        let mut k = 1;
+        while k < self.list.len() {
+            let (m, _) = self.list[k].image.map(off, 1)?;
+            if m != Mapping::Unallocated {
+                break;
+            }
+            k += 1;
+        }
+        slot.store(((g + 1) << 8) | k as u64, Ordering::Relaxed);
+        Ok(Some(k))
+    }
+}
+
+impl std::ops::Deref for Layers {
+    type Target = [Arc<Layer>];
+    fn deref(&self) -> &[Arc<Layer>] {
+        &self.list
+    }
+}
+
 /// Reads `buf` at guest offset `off` from layers[idx..]: each range from the first layer
 /// that has it; past a layer's end (a smaller backing file) or below the bottom, zeros.
-pub fn read_layers(layers: &[Arc<Layer>], idx: usize, off: u64, buf: &mut [u8]) -> Result<()> {
+pub fn read_layers(layers: &Layers, idx: usize, off: u64, buf: &mut [u8]) -> Result<()> {
+    // Entering the backing chain: jump to the layer that answers, if known.
+    let idx = match idx {
+        1 => layers.hinted_start(off, buf.len() as u64)?.unwrap_or(1),
+        _ => idx,
+    };
     let Some(layer) = layers.get(idx) else {
         buf.fill(0);
         return Ok(());

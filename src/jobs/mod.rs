@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use self::throttle::Throttle;
-use crate::chain::{Chain, Layer};
+use crate::chain::{Chain, Layer, Layers};
 use crate::control::{Command, JobState, StatusLine};
 use crate::format::Mapping;
 use crate::{Error, Result};
@@ -44,7 +44,7 @@ struct Job {
     whole_disk: bool,
     /// The chain as the job started (None once finished, so dropped layers get closed),
     /// and the index of the base to keep.
-    layers: Mutex<Option<Arc<Vec<Arc<Layer>>>>>,
+    layers: Mutex<Option<Arc<Layers>>>,
     base: Option<usize>,
     base_label: Option<String>,
     cancel: AtomicBool,
@@ -216,7 +216,7 @@ impl Job {
 
     /// Copies what the leaf lacks in [a, b), skipping what its L2 tables say it has.
     /// Pauses (parks) between runs; returns false if cancelled before the end.
-    fn copy_range(&self, layers: &[Arc<Layer>], a: u64, b: u64) -> Result<bool, String> {
+    fn copy_range(&self, layers: &Layers, a: u64, b: u64) -> Result<bool, String> {
         let leaf = &layers[0].image;
         let end = b.min(self.chain.size());
         let mut pos = a;

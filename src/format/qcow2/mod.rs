@@ -19,6 +19,7 @@ pub mod refcount;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,40 @@ const L2_CACHE_BYTES: u64 = 32 << 20;
 const DECOMPRESSED_CACHE_BYTES: u64 = 16 << 20;
 /// Host offsets must fit in bits 9..=55 of an L2 entry.
 const MAX_HOST_OFFSET: u64 = 1 << 56;
+/// Bytes of read-only L2 tables each thread keeps at hand (see `with_l2`).
+const HINT_BYTES: u64 = 16 << 20;
+
+/// Read-only L2 tables by (image id, table offset), per thread.
+#[derive(Default)]
+struct Hints {
+    tables: HashMap<(u64, u64), Arc<L2Table>, BuildHasherDefault<KeyHasher>>,
+    bytes: u64,
+}
+
+/// A multiplicative hash: the keys are two integers, no attacker picks them.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(*b as u64);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+thread_local! {
+    static L2_HINTS: std::cell::RefCell<Hints> = std::cell::RefCell::new(Hints::default());
+}
+
+/// Distinguishes images in the per-thread hints (a reopened file gets a new id).
+static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct L2Table {
     words: RwLock<Vec<u64>>,
@@ -100,6 +135,7 @@ struct Snapshot {
 }
 
 pub struct Qcow2 {
+    id: u64,
     path: PathBuf,
     file: File,
     geo: Geometry,
@@ -241,6 +277,7 @@ impl Qcow2 {
         let l2_cap = (L2_CACHE_BYTES / cs).max(16) as usize;
         let dc_cap = (DECOMPRESSED_CACHE_BYTES / cs).max(4) as usize;
         let img = Qcow2 {
+            id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_path_buf(),
             size: header.size,
             compression: header.compression,
@@ -365,6 +402,41 @@ impl Qcow2 {
         self.geo.decode(word, bitmap).map_err(|m| self.corrupt(m))
     }
 
+    /// Runs `f` on the entries of the L2 table at `off`.
+    ///
+    /// A read-only image's tables never change once loaded, so each thread keeps its own
+    /// recently used ones and reads them without any lock or shared-counter update: in a
+    /// deep chain every guest read walks many backing images, and atomics on shared
+    /// cache lines (cache lock, Arc counts, table locks) were most of its cost.
+    fn with_l2<R>(&self, off: u64, f: impl FnOnce(&[u64]) -> Result<R>) -> Result<R> {
+        if self.writable {
+            let table = self.l2_table(off)?;
+            let words = table.words.read();
+            return f(&words);
+        }
+        L2_HINTS.with(|hints| {
+            let mut hints = hints.borrow_mut();
+            let key = (self.id, off);
+            if !hints.tables.contains_key(&key) {
+                let table = self.l2_table(off)?;
+                let cs = self.geo.cluster_size();
+                if hints.bytes + cs > HINT_BYTES {
+                    // Simplest bounded policy: start over (also drops closed images).
+                    hints.tables.clear();
+                    hints.bytes = 0;
+                }
+                hints.bytes += cs;
+                hints.tables.insert(key, table);
+            }
+            let table = &hints.tables[&key];
+            // SAFETY: this image is read-only: `set_clusters` (the only writer of table
+            // entries) fails on it before touching a table, so no write lock is ever
+            // taken and a shared reference to the entries cannot alias a mutation.
+            let words = unsafe { &*table.words.data_ptr() };
+            f(words)
+        })
+    }
+
     /// The state of guest cluster `ci`.
     pub fn cluster_state(&self, ci: u64) -> Result<ClusterState> {
         let l2e = self.geo.l2_entries();
@@ -390,42 +462,50 @@ impl Qcow2 {
         if l2off == 0 {
             return Ok((Mapping::Unallocated, end - off));
         }
-        let table = self.l2_table(l2off)?;
-        let words = table.words.read();
-        let sub = self.geo.subcluster_size();
-        let mut first: Option<Mapping> = None;
-        let mut pos = off;
-        while pos < end {
-            let state = self.decode(&words, ((pos >> cb) % l2e) as usize)?;
-            let cluster_start = pos & !(cs - 1);
-            let in_cluster = pos - cluster_start;
-            if let ClusterState::Compressed { host, len } = state {
-                if first.is_some() {
-                    break;
-                }
-                let m = Mapping::Compressed {
-                    host,
-                    len,
-                    cluster_start,
+        self.with_l2(l2off, |words| {
+            let sub = self.geo.subcluster_size();
+            let mut first: Option<Mapping> = None;
+            let mut pos = off;
+            let w = self.geo.words();
+            while pos < end {
+                let idx = ((pos >> cb) % l2e) as usize;
+                // Fast path: an all-zero entry is unallocated (most entries of a sparse
+                // layer in a deep chain).
+                let state = if words[idx * w..idx * w + w].iter().all(|&x| x == 0) {
+                    ClusterState::Unallocated
+                } else {
+                    self.decode(words, idx)?
                 };
-                return Ok((m, end.min(cluster_start + cs) - off));
+                let cluster_start = pos & !(cs - 1);
+                let in_cluster = pos - cluster_start;
+                if let ClusterState::Compressed { host, len } = state {
+                    if first.is_some() {
+                        break;
+                    }
+                    let m = Mapping::Compressed {
+                        host,
+                        len,
+                        cluster_start,
+                    };
+                    return Ok((m, end.min(cluster_start + cs) - off));
+                }
+                let si = in_cluster / sub;
+                let m = match state.sub(si as u32) {
+                    SubState::Unallocated => Mapping::Unallocated,
+                    SubState::Zero => Mapping::Zero,
+                    SubState::Data => Mapping::Data {
+                        host: state.host() + in_cluster,
+                    },
+                };
+                match first {
+                    None => first = Some(m),
+                    Some(f) if !f.continues_with(&m, pos - off) => break,
+                    Some(_) => {}
+                }
+                pos = end.min(cluster_start + (si + 1) * sub);
             }
-            let si = in_cluster / sub;
-            let m = match state.sub(si as u32) {
-                SubState::Unallocated => Mapping::Unallocated,
-                SubState::Zero => Mapping::Zero,
-                SubState::Data => Mapping::Data {
-                    host: state.host() + in_cluster,
-                },
-            };
-            match first {
-                None => first = Some(m),
-                Some(f) if !f.continues_with(&m, pos - off) => break,
-                Some(_) => {}
-            }
-            pos = end.min(cluster_start + (si + 1) * sub);
-        }
-        Ok((first.unwrap_or(Mapping::Unallocated), pos - off))
+            Ok((first.unwrap_or(Mapping::Unallocated), pos - off))
+        })
     }
 
     /// Reads data for a mapping returned by `map` (not Unallocated) into `buf`, where `off`
