@@ -42,7 +42,7 @@ const DECOMPRESSED_CACHE_BYTES: u64 = 16 << 20;
 /// Host offsets must fit in bits 9..=55 of an L2 entry.
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Bytes of read-only L2 tables each thread keeps at hand (see `with_l2`).
-const HINT_BYTES: u64 = 16 << 20;
+const HINT_BYTES: u64 = 8 << 20;
 
 /// Read-only L2 tables by (image id, table offset), per thread.
 #[derive(Default)]
