@@ -41,8 +41,9 @@ enum Fill {
 
 #[derive(Default)]
 pub struct Counters {
-    /// Bytes copied into the leaf by copy-on-read and streaming.
-    pub copied: AtomicU64,
+    /// Stream jobs running: guest activity is tracked only while there are any, so
+    /// plain guest I/O pays no shared atomics for the stream's back-off.
+    pub streams: AtomicUsize,
     /// Guest requests in flight, and when the last one ended (ns since `epoch`).
     pub guest_inflight: AtomicUsize,
     pub guest_last_ns: AtomicU64,
@@ -62,14 +63,17 @@ pub struct Chain {
     epoch: Instant,
 }
 
-/// Marks a guest request in flight for the stream workers' back-off.
-pub struct GuestIo<'a>(&'a Chain);
+/// Marks a guest request in flight for the stream workers' back-off (None: no stream
+/// was running when the request started, nothing to undo).
+pub struct GuestIo<'a>(Option<&'a Chain>);
 
 impl Drop for GuestIo<'_> {
     fn drop(&mut self) {
-        let c = &self.0.counters;
-        c.guest_last_ns.store(self.0.now_ns(), Ordering::Relaxed);
-        c.guest_inflight.fetch_sub(1, Ordering::Release);
+        if let Some(chain) = self.0 {
+            let c = &chain.counters;
+            c.guest_last_ns.store(chain.now_ns(), Ordering::Relaxed);
+            c.guest_inflight.fetch_sub(1, Ordering::Release);
+        }
     }
 }
 
@@ -109,9 +113,6 @@ impl Chain {
     pub fn read_only(&self) -> bool {
         self.read_only
     }
-    pub fn copy_on_read(&self) -> bool {
-        self.copy_on_read
-    }
     pub fn layers(&self) -> Arc<Layers> {
         self.layers.read().clone()
     }
@@ -121,8 +122,11 @@ impl Chain {
 
     /// Registers a guest request until the returned guard drops.
     pub fn guest_io(&self) -> GuestIo<'_> {
+        if self.counters.streams.load(Ordering::Relaxed) == 0 {
+            return GuestIo(None);
+        }
         self.counters.guest_inflight.fetch_add(1, Ordering::Acquire);
-        GuestIo(self)
+        GuestIo(Some(self))
     }
 
     fn leaf_qcow2<'a>(&self, layers: &'a Layers) -> Option<&'a Qcow2> {
@@ -234,7 +238,6 @@ impl Chain {
             }
             c = batch_end;
         }
-        self.counters.copied.fetch_add(copied, Ordering::Relaxed);
         Ok(copied)
     }
 
@@ -287,7 +290,7 @@ impl Chain {
     /// and one write. Returns the bytes copied.
     fn install_fills(&self, leaf: &Qcow2, first: u64, fills: &[Fill], data: &[u8]) -> Result<u64> {
         let cs = self.cluster_size as usize;
-        let zero_ok = leaf.version() >= 3;
+        let zero_ok = leaf.geometry().zero_flag;
         let mut copied = 0;
         let mut i = 0;
         while i < fills.len() {
@@ -537,7 +540,7 @@ impl Chain {
         };
         let cs = self.cluster_size;
         let end = off + len;
-        let (first_full, end_full) = if leaf.version() >= 3 {
+        let (first_full, end_full) = if leaf.geometry().zero_flag {
             let a = off.div_ceil(cs);
             // A tail cluster cut by the end of the disk counts as whole.
             let b = if end == self.size {
@@ -639,11 +642,6 @@ impl Chain {
     /// Replaces the layer list (after a stream removed backing layers).
     pub fn set_layers(&self, layers: Vec<Arc<Layer>>) {
         *self.layers.write() = Arc::new(Layers::new(layers));
-    }
-
-    /// Serializes with guest writes on clusters [first, end) (used by streaming).
-    pub fn lock_clusters(&self, first: u64, end: u64) -> locks::RangeGuard<'_> {
-        self.locks.lock(first, end)
     }
 }
 

@@ -116,9 +116,6 @@ fn seek(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
 }
 
 /// Big-endian field readers for on-disk structures (callers check bounds first).
-pub fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
 pub fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }

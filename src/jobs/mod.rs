@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -60,7 +59,6 @@ struct Job {
     state: Mutex<JobState>,
     error: Mutex<Option<String>>,
     samples: Mutex<VecDeque<(Instant, u64, u64)>>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
     running_workers: AtomicUsize,
     last_flush_ns: AtomicU64,
     finished: AtomicBool,
@@ -256,6 +254,28 @@ impl Job {
         Ok(true)
     }
 
+    /// Runs the job: starts the workers, waits for them, then settles the state.
+    fn drive(self: Arc<Self>) {
+        let mut handles = Vec::new();
+        for w in 0..WORKERS {
+            let j = self.clone();
+            match std::thread::Builder::new()
+                .name(format!("stream-{w}"))
+                .spawn(move || j.worker())
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.running_workers.fetch_sub(1, Ordering::AcqRel);
+                    self.fail(format!("cannot start a worker thread: {e}"));
+                }
+            }
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+        self.finish();
+    }
+
     /// Runs after the workers stopped: decides the final state and relinks the leaf.
     fn finish(&self) {
         let state = if self.error.lock().is_some() {
@@ -270,6 +290,7 @@ impl Job {
         };
         *self.state.lock() = state;
         *self.layers.lock() = None;
+        self.chain.counters.streams.fetch_sub(1, Ordering::AcqRel);
         self.finished.store(true, Ordering::Release);
         log::info!("{}: stream {}", self.chain.name(), state.as_str());
     }
@@ -416,7 +437,9 @@ impl Jobs {
                 // Return once the workers have stopped copying (or ended).
                 let mut parked = job.parked.lock();
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while *parked < live_workers(&job) && Instant::now() < deadline {
+                while *parked < job.running_workers.load(Ordering::Acquire)
+                    && Instant::now() < deadline
+                {
                     job.parked_cv
                         .wait_for(&mut parked, Duration::from_millis(20));
                 }
@@ -508,35 +531,24 @@ impl Jobs {
             state: Mutex::new(JobState::Running),
             error: Mutex::new(None),
             samples: Mutex::new(VecDeque::from([(Instant::now(), 0, 0)])),
-            workers: Mutex::new(Vec::new()),
             running_workers: AtomicUsize::new(WORKERS),
             last_flush_ns: AtomicU64::new(chain.now_ns()),
             finished: AtomicBool::new(false),
         });
-        let mut handles = Vec::new();
-        for w in 0..WORKERS {
-            let j = job.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("stream-{w}"))
-                .spawn(move || j.worker())
-                .map_err(|e| {
-                    Error::state(libc::EAGAIN, format!("cannot start worker thread: {e}"))
-                })?;
-            handles.push(h);
-        }
-        *job.workers.lock() = handles;
-        // A finisher waits for the workers and settles the final state.
+        // One driver thread runs the workers and settles the final state, so a failure
+        // to start any thread leaves nothing half running.
+        chain.counters.streams.fetch_add(1, Ordering::AcqRel);
         let j = job.clone();
-        std::thread::Builder::new()
-            .name("stream-finish".into())
-            .spawn(move || {
-                let hs = std::mem::take(&mut *j.workers.lock());
-                for h in hs {
-                    let _ = h.join();
-                }
-                j.finish();
-            })
-            .map_err(|e| Error::state(libc::EAGAIN, format!("cannot start thread: {e}")))?;
+        if let Err(e) = std::thread::Builder::new()
+            .name("stream".into())
+            .spawn(move || j.drive())
+        {
+            chain.counters.streams.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::state(
+                libc::EAGAIN,
+                format!("cannot start the stream thread: {e}"),
+            ));
+        }
         log::info!("{name}: stream started ({start}..{end}, speed {speed})");
         *slot = Some(job);
         Ok(())
@@ -615,10 +627,6 @@ impl Jobs {
             }
         }
     }
-}
-
-fn live_workers(job: &Job) -> usize {
-    job.running_workers.load(Ordering::Acquire)
 }
 
 /// Waits (bounded) until the job's finisher has settled its state.

@@ -83,7 +83,8 @@ impl ClusterState {
 pub struct Geometry {
     pub cluster_bits: u32,
     pub extended: bool,
-    /// v3 images only: bit 0 of a standard descriptor means "reads as zero".
+    /// v3 images only: bit 0 of a standard descriptor means "reads as zero" (so the
+    /// image can store zero clusters at all).
     pub zero_flag: bool,
 }
 

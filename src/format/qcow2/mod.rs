@@ -329,9 +329,6 @@ impl Qcow2 {
     pub fn is_writable(&self) -> bool {
         self.writable
     }
-    pub fn version(&self) -> u32 {
-        self.header.lock().version
-    }
     /// (backing file name as stored, backing format if given).
     pub fn backing(&self) -> Option<(String, Option<String>)> {
         let h = self.header.lock();
