@@ -11,6 +11,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod fault;
 pub mod format;
 pub mod fs;
 pub mod jobs;

@@ -4,6 +4,7 @@
 
 pub mod locks;
 pub mod open;
+pub mod stream;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
