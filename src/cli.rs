@@ -139,6 +139,7 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
         b.target(env_logger::Target::Pipe(Box::new(f)));
     }
     b.init();
+    crate::panic_hook::install(log_file.is_some());
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! The `.control` file protocol: parsing commands written to it and rendering the status
-//! read from it. Pure functions; the file system layer feeds bytes in and out.
+//! The `.control` file protocol: parsing commands written to it, handing them to the
+//! jobs, and rendering the status read from it. The file system layer feeds bytes in
+//! and out.
 //!
 //! Commands (one per write, trailing newline optional):
 //!     start NAME [base=BACKING] [speed=BYTES] [offset=BYTES] [length=BYTES]
@@ -9,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::jobs::{Jobs, StartRequest, StatusLine};
 use crate::{Error, Result};
 
 /// Largest command accepted in one write.
@@ -125,48 +127,27 @@ pub fn parse_command(input: &[u8]) -> Result<Command> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    Idle,
-    Running,
-    Paused,
-    Completed,
-    Cancelled,
-    Failed,
-}
-
-impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Idle => "idle",
-            JobState::Running => "running",
-            JobState::Paused => "paused",
-            JobState::Completed => "completed",
-            JobState::Cancelled => "cancelled",
-            JobState::Failed => "failed",
-        }
+/// Carries out a parsed command on the mount's jobs.
+pub fn execute(jobs: &Jobs, cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Start {
+            name,
+            base,
+            speed,
+            offset,
+            length,
+        } => jobs.start(&StartRequest {
+            name,
+            base,
+            speed,
+            offset,
+            length,
+        }),
+        Command::Cancel(name) => jobs.cancel(&name),
+        Command::Pause(name) => jobs.pause(&name),
+        Command::Resume(name) => jobs.resume(&name),
+        Command::Speed(name, bytes) => jobs.set_speed(&name, bytes),
     }
-    pub fn is_active(self) -> bool {
-        matches!(self, JobState::Running | JobState::Paused)
-    }
-}
-
-/// One chain's line in the status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusLine {
-    pub name: String,
-    pub state: JobState,
-    pub offset: u64,
-    pub len: u64,
-    pub copied: u64,
-    pub rate: u64,
-    pub eta: u64,
-    pub speed: u64,
-    pub base: Option<String>,
-    pub error: Option<String>,
-    /// Images in the chain, and bytes of the disk the leaf defines itself.
-    pub layers: usize,
-    pub leaf_bytes: u64,
 }
 
 fn quote(s: &str) -> String {
@@ -264,6 +245,7 @@ pub fn parse_status(text: &str) -> Vec<(String, BTreeMap<String, String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::JobState;
 
     #[test]
     fn bytes_with_suffixes() {

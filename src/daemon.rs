@@ -239,15 +239,19 @@ fn daemonize(opts: &MountOptions, mountpoint: &Path, chains: Vec<Arc<Chain>>) ->
         };
     }
     // Child.
-    // SAFETY: closing the parent's end; setsid detaches from the terminal's session;
-    // chdir so the daemon does not keep the caller's directory busy (paths are absolute).
-    unsafe {
-        libc::close(fds[0]);
-        libc::setsid();
-        libc::chdir(c"/".as_ptr());
-    }
+    // SAFETY: closing the parent's end, a valid fd we own.
+    unsafe { libc::close(fds[0]) };
     // SAFETY: fds[1] is a valid fd we own.
-    let ready = unsafe { File::from_raw_fd(fds[1]) };
+    let mut ready = unsafe { File::from_raw_fd(fds[1]) };
+    // setsid detaches from the terminal's session (a hangup there must not reach us);
+    // chdir so the daemon does not keep the caller's directory busy (paths are absolute).
+    // SAFETY: plain syscalls on a C string literal.
+    let detached = unsafe { libc::setsid() } >= 0 && unsafe { libc::chdir(c"/".as_ptr()) } == 0;
+    if !detached {
+        let msg = format!("detaching the daemon: {}", std::io::Error::last_os_error());
+        let _ = ready.write_all(msg.as_bytes());
+        std::process::exit(1);
+    }
     let code = serve(opts, mountpoint, chains, Some(ready));
     std::process::exit(code);
 }
@@ -326,7 +330,7 @@ fn serve(
                 offset: None,
                 length: None,
             };
-            if let Err(e) = jobs.execute(cmd) {
+            if let Err(e) = crate::control::execute(&jobs, cmd) {
                 log::error!("{}: cannot start stream: {e}", c.name());
             }
         }

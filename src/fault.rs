@@ -5,6 +5,7 @@
 //!
 //! Points: `stream-worker-panic` (a stream worker panics before copying),
 //! `stream-stall:MS` (a stream worker ignores cancel/pause for MS milliseconds),
+//! `stream-skip-copy` (workers report success without copying anything),
 //! `fuse-read-panic` (a FUSE read handler panics).
 
 use std::sync::OnceLock;

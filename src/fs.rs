@@ -121,8 +121,21 @@ impl StreamFs {
         })
     }
 
+    /// Runs a request handler. A panic in it is caught: the request is answered EIO (the
+    /// reply, dropped unsent while unwinding, answers EIO by itself), the panic hook has
+    /// logged the message and location, and this session loop goes on serving. Metadata
+    /// stays consistent because every change is committed under its lock in one step.
+    fn guard(&self, op: &str, f: impl FnOnce()) {
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            log::error!(
+                "FUSE {op} handler panicked ({}); answered EIO, still serving",
+                crate::jobs::panic_text(&*p)
+            );
+        }
+    }
+
     fn control_write(&self, fh: u64, data: &[u8]) -> Result<(), Error> {
-        let result = control::parse_command(data).and_then(|cmd| self.jobs.execute(cmd));
+        let result = control::parse_command(data).and_then(|cmd| control::execute(&self.jobs, cmd));
         let answer = match &result {
             Ok(()) => "ok\n".to_string(),
             Err(e) => format!("error: {e}\n"),
@@ -159,29 +172,31 @@ impl Filesystem for StreamFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 != ROOT {
-            return reply.error(Errno::ENOENT);
-        }
-        let ino = if name == CONTROL_NAME {
-            Some(CONTROL)
-        } else {
-            self.jobs
-                .chains()
-                .iter()
-                .position(|c| OsStr::new(c.name()) == name)
-                .map(|i| FIRST_CHAIN + i as u64)
-        };
-        match ino.and_then(|i| self.attr(i)) {
-            Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.guard("lookup", move || {
+            if parent.0 != ROOT {
+                return reply.error(Errno::ENOENT);
+            }
+            let ino = if name == CONTROL_NAME {
+                Some(CONTROL)
+            } else {
+                self.jobs
+                    .chains()
+                    .iter()
+                    .position(|c| OsStr::new(c.name()) == name)
+                    .map(|i| FIRST_CHAIN + i as u64)
+            };
+            match ino.and_then(|i| self.attr(i)) {
+                Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino.0) {
+        self.guard("getattr", move || match self.attr(ino.0) {
             Some(a) => reply.attr(&TTL, &a),
             None => reply.error(Errno::ENOENT),
-        }
+        })
     }
 
     fn setattr(
@@ -202,45 +217,49 @@ impl Filesystem for StreamFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(attr) = self.attr(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        // `.control` accepts the truncation of `echo cmd > .control`; disks cannot be
-        // resized (but truncating to their own size is harmless).
-        if let Some(s) = size {
-            if ino.0 != CONTROL && s != attr.size {
-                return reply.error(Errno::EPERM);
+        self.guard("setattr", move || {
+            let Some(attr) = self.attr(ino.0) else {
+                return reply.error(Errno::ENOENT);
+            };
+            // `.control` accepts the truncation of `echo cmd > .control`; disks cannot be
+            // resized (but truncating to their own size is harmless).
+            if let Some(s) = size {
+                if ino.0 != CONTROL && s != attr.size {
+                    return reply.error(Errno::EPERM);
+                }
             }
-        }
-        reply.attr(&TTL, &attr)
+            reply.attr(&TTL, &attr)
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        if ino.0 == CONTROL {
-            let status = control::render(&self.jobs.status()).into_bytes();
-            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.handles.lock().insert(
-                fh,
-                ControlHandle {
-                    status,
-                    answer: None,
-                },
-            );
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-        }
-        let Some(chain) = self.chain(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        if writing && chain.read_only() {
-            return reply.error(Errno::EROFS);
-        }
-        // O_TRUNC is ignored, as a block device ignores it: a disk has a fixed size
-        // (so `qemu-img convert -O raw ... MOUNT/disk.raw` and `dd` work).
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        )
+        self.guard("open", move || {
+            let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+            if ino.0 == CONTROL {
+                let status = control::render(&self.jobs.status()).into_bytes();
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.handles.lock().insert(
+                    fh,
+                    ControlHandle {
+                        status,
+                        answer: None,
+                    },
+                );
+                return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            let Some(chain) = self.chain(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            if writing && chain.read_only() {
+                return reply.error(Errno::EROFS);
+            }
+            // O_TRUNC is ignored, as a block device ignores it: a disk has a fixed size
+            // (so `qemu-img convert -O raw ... MOUNT/disk.raw` and `dd` work).
+            reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            )
+        })
     }
 
     fn read(
@@ -254,39 +273,47 @@ impl Filesystem for StreamFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino.0 == CONTROL {
-            let mut handles = self.handles.lock();
-            let Some(h) = handles.get_mut(&fh.0) else {
-                return reply.error(Errno::EBADF);
+        self.guard("read", move || {
+            if ino.0 == CONTROL {
+                // Copy out under the lock, reply outside it.
+                let bytes = {
+                    let mut handles = self.handles.lock();
+                    let Some(h) = handles.get_mut(&fh.0) else {
+                        return reply.error(Errno::EBADF);
+                    };
+                    // After a write, reads return the answer (from its start, whatever the
+                    // file position); otherwise the status taken at open.
+                    if let Some((answer, pos)) = &mut h.answer {
+                        let end = (*pos + size as usize).min(answer.len());
+                        let b = answer[*pos..end].to_vec();
+                        *pos = end;
+                        b
+                    } else {
+                        let start = (offset as usize).min(h.status.len());
+                        let end = (start + size as usize).min(h.status.len());
+                        h.status[start..end].to_vec()
+                    }
+                };
+                return reply.data(&bytes);
+            }
+            let Some(chain) = self.chain(ino) else {
+                return reply.error(Errno::ENOENT);
             };
-            // After a write, reads return the answer (from its start, whatever the file
-            // position); otherwise the status taken at open.
-            if let Some((answer, pos)) = &mut h.answer {
-                let end = (*pos + size as usize).min(answer.len());
-                reply.data(&answer[*pos..end]);
-                *pos = end;
-                return;
-            }
-            let start = (offset as usize).min(h.status.len());
-            let end = (start + size as usize).min(h.status.len());
-            return reply.data(&h.status[start..end]);
-        }
-        let Some(chain) = self.chain(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let _io = chain.guest_io();
-        READ_BUF.with(|b| {
-            let mut buf = b.borrow_mut();
-            if buf.len() < size as usize {
-                buf.resize(size as usize, 0);
-            }
-            match chain.read(offset, &mut buf[..size as usize]) {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => {
-                    log::error!("{}: read {size}@{offset}: {e}", chain.name());
-                    reply.error(errno(&e))
+            let _io = chain.guest_io();
+            crate::fault::panic_point("fuse-read-panic");
+            READ_BUF.with(|b| {
+                let mut buf = b.borrow_mut();
+                if buf.len() < size as usize {
+                    buf.resize(size as usize, 0);
                 }
-            }
+                match chain.read(offset, &mut buf[..size as usize]) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(e) => {
+                        log::error!("{}: read {size}@{offset}: {e}", chain.name());
+                        reply.error(errno(&e))
+                    }
+                }
+            })
         })
     }
 
@@ -302,28 +329,30 @@ impl Filesystem for StreamFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if ino.0 == CONTROL {
-            return match self.control_write(fh.0, data) {
-                Ok(()) => reply.written(data.len() as u32),
+        self.guard("write", move || {
+            if ino.0 == CONTROL {
+                return match self.control_write(fh.0, data) {
+                    Ok(()) => reply.written(data.len() as u32),
+                    Err(e) => {
+                        log::info!("control: {e}");
+                        reply.error(errno(&e))
+                    }
+                };
+            }
+            let Some(chain) = self.chain(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let _io = chain.guest_io();
+            match chain.write(offset, data) {
+                Ok(n) => reply.written(n as u32),
                 Err(e) => {
-                    log::info!("control: {e}");
+                    if e.errno() == libc::EIO {
+                        log::error!("{}: write {}@{offset}: {e}", chain.name(), data.len());
+                    }
                     reply.error(errno(&e))
                 }
-            };
-        }
-        let Some(chain) = self.chain(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let _io = chain.guest_io();
-        match chain.write(offset, data) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => {
-                if e.errno() == libc::EIO {
-                    log::error!("{}: write {}@{offset}: {e}", chain.name(), data.len());
-                }
-                reply.error(errno(&e))
             }
-        }
+        })
     }
 
     fn flush(
@@ -334,15 +363,17 @@ impl Filesystem for StreamFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(): write back metadata (and released refcounts) so a consumer that
-        // closes the file and then inspects the leaf, or unmounts, finds it consistent.
-        if let Some(chain) = self.chain(ino) {
-            if let Err(e) = chain.flush_all() {
-                log::error!("{}: flush on close: {e}", chain.name());
-                return reply.error(errno(&e));
+        self.guard("flush", move || {
+            // close(): write back metadata (and released refcounts) so a consumer that
+            // closes the file and then inspects the leaf, or unmounts, finds it consistent.
+            if let Some(chain) = self.chain(ino) {
+                if let Err(e) = chain.flush_all() {
+                    log::error!("{}: flush on close: {e}", chain.name());
+                    return reply.error(errno(&e));
+                }
             }
-        }
-        reply.ok()
+            reply.ok()
+        })
     }
 
     fn release(
@@ -355,10 +386,12 @@ impl Filesystem for StreamFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if ino.0 == CONTROL {
-            self.handles.lock().remove(&fh.0);
-        }
-        reply.ok()
+        self.guard("release", move || {
+            if ino.0 == CONTROL {
+                self.handles.lock().remove(&fh.0);
+            }
+            reply.ok()
+        })
     }
 
     fn fsync(
@@ -369,17 +402,19 @@ impl Filesystem for StreamFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(chain) = self.chain(ino) else {
-            return reply.ok();
-        };
-        let _io = chain.guest_io();
-        match chain.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                log::error!("{}: fsync: {e}", chain.name());
-                reply.error(errno(&e))
+        self.guard("fsync", move || {
+            let Some(chain) = self.chain(ino) else {
+                return reply.ok();
+            };
+            let _io = chain.guest_io();
+            match chain.flush() {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    log::error!("{}: fsync: {e}", chain.name());
+                    reply.error(errno(&e))
+                }
             }
-        }
+        })
     }
 
     fn readdir(
@@ -390,27 +425,29 @@ impl Filesystem for StreamFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if ino.0 != ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries = vec![
-            (ROOT, FileType::Directory, ".".to_string()),
-            (ROOT, FileType::Directory, "..".to_string()),
-            (CONTROL, FileType::RegularFile, CONTROL_NAME.to_string()),
-        ];
-        for (i, c) in self.jobs.chains().iter().enumerate() {
-            entries.push((
-                FIRST_CHAIN + i as u64,
-                FileType::RegularFile,
-                c.name().to_string(),
-            ));
-        }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), i as u64 + 1, kind, &name) {
-                break;
+        self.guard("readdir", move || {
+            if ino.0 != ROOT {
+                return reply.error(Errno::ENOTDIR);
             }
-        }
-        reply.ok()
+            let mut entries = vec![
+                (ROOT, FileType::Directory, ".".to_string()),
+                (ROOT, FileType::Directory, "..".to_string()),
+                (CONTROL, FileType::RegularFile, CONTROL_NAME.to_string()),
+            ];
+            for (i, c) in self.jobs.chains().iter().enumerate() {
+                entries.push((
+                    FIRST_CHAIN + i as u64,
+                    FileType::RegularFile,
+                    c.name().to_string(),
+                ));
+            }
+            for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), i as u64 + 1, kind, &name) {
+                    break;
+                }
+            }
+            reply.ok()
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -462,30 +499,32 @@ impl Filesystem for StreamFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some(chain) = self.chain(ino) else {
-            return reply.error(Errno::EOPNOTSUPP);
-        };
-        let _io = chain.guest_io();
-        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let result = if mode == punch
-            || mode == libc::FALLOC_FL_ZERO_RANGE
-            || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        {
-            chain.write_zeroes(offset, length)
-        } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
-            // Preallocation within the disk: every block is already backed.
-            if offset.saturating_add(length) > chain.size() && mode == 0 {
-                Err(Error::state(libc::EFBIG, "disk cannot grow"))
+        self.guard("fallocate", move || {
+            let Some(chain) = self.chain(ino) else {
+                return reply.error(Errno::EOPNOTSUPP);
+            };
+            let _io = chain.guest_io();
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let result = if mode == punch
+                || mode == libc::FALLOC_FL_ZERO_RANGE
+                || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            {
+                chain.write_zeroes(offset, length)
+            } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
+                // Preallocation within the disk: every block is already backed.
+                if offset.saturating_add(length) > chain.size() && mode == 0 {
+                    Err(Error::state(libc::EFBIG, "disk cannot grow"))
+                } else {
+                    Ok(())
+                }
             } else {
-                Ok(())
+                Err(Error::state(libc::EOPNOTSUPP, "fallocate mode"))
+            };
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
             }
-        } else {
-            Err(Error::state(libc::EOPNOTSUPP, "fallocate mode"))
-        };
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn lseek(
@@ -497,21 +536,23 @@ impl Filesystem for StreamFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let Some(chain) = self.chain(ino) else {
-            return reply.error(Errno::EINVAL);
-        };
-        if offset < 0 {
-            return reply.error(Errno::ENXIO);
-        }
-        let data = match whence {
-            libc::SEEK_DATA => true,
-            libc::SEEK_HOLE => false,
-            _ => return reply.error(Errno::EINVAL),
-        };
-        match chain.seek(offset as u64, data) {
-            Ok(Some(o)) => reply.offset(o as i64),
-            Ok(None) => reply.error(Errno::ENXIO),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.guard("lseek", move || {
+            let Some(chain) = self.chain(ino) else {
+                return reply.error(Errno::EINVAL);
+            };
+            if offset < 0 {
+                return reply.error(Errno::ENXIO);
+            }
+            let data = match whence {
+                libc::SEEK_DATA => true,
+                libc::SEEK_HOLE => false,
+                _ => return reply.error(Errno::EINVAL),
+            };
+            match chain.seek(offset as u64, data) {
+                Ok(Some(o)) => reply.offset(o as i64),
+                Ok(None) => reply.error(Errno::ENXIO),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 }

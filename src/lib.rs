@@ -3,8 +3,9 @@
 //!
 //! Layers, imported one way only (lower never imports higher):
 //! `format` (qcow2/raw images) <- `chain` (backing chains, copy-on-read, writes)
-//! <- `jobs` (stream workers) <- `control` (command parsing, status) <- `fs` (fuser)
-//! <- `daemon`/`cli` (process life cycle, command line).
+//! <- `jobs` (stream job state machine, workers) <- `control` (commands and status
+//! text) <- `fs` (fuser) <- `daemon`/`cli` (process life cycle, command line).
+//! `error` and `fault` (test-only fault points) are used by all.
 
 pub mod chain;
 pub mod cli;
@@ -15,5 +16,6 @@ pub mod fault;
 pub mod format;
 pub mod fs;
 pub mod jobs;
+pub mod panic_hook;
 
 pub use error::{Error, Result};

@@ -53,8 +53,11 @@ impl Throttle {
     }
 
     /// How much one booking should cover at the current speed: about 1/8 s of copying,
-    /// so progress, pause and speed changes stay responsive; `max` when unlimited.
+    /// so progress, pause and speed changes stay responsive; `max` when unlimited. Never
+    /// less than `min` (one cluster, the smallest unit that can be copied), even when
+    /// `min` exceeds `max` (2 MiB clusters) or 1/8 s of copying is less than a cluster.
     pub fn quantum(&self, min: u64, max: u64) -> u64 {
+        let max = max.max(min);
         match self.speed() {
             0 => max,
             s => (s / 8).clamp(min, max),
@@ -118,6 +121,38 @@ mod tests {
         assert_eq!(t.quantum(4096, 8 << 20), 128 << 10);
         t.set_speed(0);
         assert_eq!(t.quantum(4096, 8 << 20), 8 << 20);
+    }
+
+    #[test]
+    fn quantum_is_at_least_one_cluster_at_any_speed() {
+        for cluster in [512u64, 4096, 64 << 10, 512 << 10, 1 << 20, 2 << 20] {
+            for max in [256u64 << 10, 1 << 20, 8 << 20] {
+                for speed in [0u64, 1, 1000, 1 << 20, 10 << 20, 1 << 30] {
+                    let q = Throttle::new(speed).quantum(cluster, max);
+                    assert!(
+                        q >= cluster,
+                        "cluster {cluster} max {max} speed {speed}: {q}"
+                    );
+                    assert!(
+                        q <= max.max(cluster),
+                        "cluster {cluster} max {max} speed {speed}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_limit_below_one_cluster_per_admission_holds_on_average() {
+        // 2 MiB pieces at 8 MiB/s: each admission books 1/4 s; five take at least 1 s.
+        let t = Throttle::new(8 << 20);
+        let began = Instant::now();
+        for _ in 0..5 {
+            assert!(t.admit(2 << 20, || false));
+        }
+        let el = began.elapsed();
+        assert!(el >= Duration::from_millis(990), "{el:?}");
+        assert!(el < Duration::from_secs(3), "{el:?}");
     }
 
     #[test]
