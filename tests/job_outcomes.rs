@@ -158,7 +158,8 @@ fn a_panicking_worker_fails_the_job_and_the_panic_is_logged() {
     assert_eq!(field(&l, "state"), "failed", "{}", l.raw);
     // (`error="..."` is quoted and has spaces: look at the raw line.)
     assert!(
-        l.raw.contains("error=\"a stream worker panicked: injected fault"),
+        l.raw
+            .contains("error=\"a stream worker panicked: injected fault"),
         "{}",
         l.raw
     );
@@ -192,7 +193,11 @@ fn a_stream_that_did_not_copy_is_not_completed() {
         Duration::from_secs(30),
     );
     assert_eq!(field(&l, "state"), "failed", "{}", l.raw);
-    assert!(l.raw.contains("error=\"final check: guest offset 0 "), "{}", l.raw);
+    assert!(
+        l.raw.contains("error=\"final check: guest offset 0 "),
+        "{}",
+        l.raw
+    );
     m.umount();
     assert!(
         has_backing(&top),
@@ -215,6 +220,7 @@ fn pause_and_cancel_that_cannot_stop_in_time_fail_with_etimedout() {
     let (m, _log) = mount_with_faults(&s, &[&top], "stream-stall:13000");
     ctl_ok(&m, "start top.raw");
     let began = Instant::now();
+    thread::sleep(Duration::from_millis(300)); // the workers are into the stall
     let (r, answer) = ctl(&m, "pause top.raw");
     assert_eq!(r, Err(libc::ETIMEDOUT), "pause of a stalled job: {answer}");
     assert!(
@@ -232,6 +238,7 @@ fn pause_and_cancel_that_cannot_stop_in_time_fail_with_etimedout() {
     // A second mount: a cancel that cannot stop in time.
     let (m, _log) = mount_with_faults(&s, &[&top], "stream-stall:12000");
     ctl_ok(&m, "start top.raw");
+    thread::sleep(Duration::from_millis(300));
     let (r, answer) = ctl(&m, "cancel top.raw");
     assert_eq!(r, Err(libc::ETIMEDOUT), "cancel of a stalled job: {answer}");
     assert_eq!(field(&line(&m, "top.raw"), "state"), "running");

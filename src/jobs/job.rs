@@ -90,7 +90,9 @@ impl Job {
             inner: Mutex::new(Inner {
                 phase: Phase::Running,
                 error: None,
-                live: 0,
+                // Counted from the start, so a pause sent before the threads run waits
+                // for them to park; a worker that fails to start is taken off.
+                live: WORKERS,
                 parked: 0,
                 next: start,
                 chunks: BTreeMap::new(),
@@ -320,7 +322,6 @@ impl Job {
         for w in 0..WORKERS {
             let j = self.clone();
             let l = layers.clone();
-            self.inner.lock().live += 1;
             match std::thread::Builder::new()
                 .name(format!("stream-{w}"))
                 .spawn(move || worker::run(&j, &l))

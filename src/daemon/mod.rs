@@ -2,6 +2,14 @@
 //! user's terminal), fork, mount in the child, tell the parent over a pipe once the mount
 //! is live, then serve until unmounted or signalled. SIGTERM/SIGINT/SIGHUP unmount; the
 //! file system's `destroy` stops jobs and flushes every leaf before the process exits.
+//! `names` checks disk names; `mounts` looks at mount points from outside (umount).
+
+mod mounts;
+mod names;
+
+use self::mounts::check_mountpoint;
+pub use self::mounts::{daemon_pid, is_mount_point, mount_points, umount};
+pub use self::names::{parse_chain_arg, validate_name};
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -10,10 +18,10 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::chain::Chain;
-use crate::fs::{StreamFs, CONTROL_NAME};
+use crate::fs::StreamFs;
 use crate::jobs::Jobs;
 use crate::{Error, Result};
 
@@ -30,114 +38,6 @@ pub struct MountOptions {
     pub threads: usize,
     pub speed: u64,
     pub stream: bool,
-}
-
-/// Splits `[NAME=]IMAGE` and derives the default name (`vm1.qcow2` -> `vm1.raw`).
-pub fn parse_chain_arg(arg: &str) -> Result<(String, PathBuf)> {
-    // The first '=' separates NAME; a path containing '=' is given as NAME=PATH.
-    if let Some((name, image)) = arg.split_once('=') {
-        validate_name(name)?;
-        if image.is_empty() {
-            return Err(Error::Invalid(format!("'{arg}': missing IMAGE after '='")));
-        }
-        return Ok((name.to_string(), PathBuf::from(image)));
-    }
-    let path = PathBuf::from(arg);
-    let stem = path
-        .file_stem()
-        .ok_or_else(|| Error::Invalid(format!("'{arg}' is not an image file name")))?;
-    let name = format!("{}.raw", stem.to_string_lossy());
-    validate_name(&name)?;
-    Ok((name, path))
-}
-
-pub fn validate_name(name: &str) -> Result<()> {
-    let bad = if name.is_empty() {
-        Some("is empty")
-    } else if name.contains('/') {
-        Some("contains '/'")
-    } else if name == CONTROL_NAME {
-        Some("is reserved for the control file")
-    } else if name == "." || name == ".." {
-        Some("is not a file name")
-    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Some("contains white space or control characters")
-    } else if name.len() > 255 {
-        Some("is longer than 255 bytes")
-    } else {
-        None
-    };
-    match bad {
-        Some(why) => Err(Error::Invalid(format!("disk name '{name}' {why}"))),
-        None => Ok(()),
-    }
-}
-
-/// Mount points listed in /proc/self/mountinfo (octal escapes decoded).
-pub fn mount_points() -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .collect()
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(path) else {
-        return false;
-    };
-    mount_points().contains(&canon)
-}
-
-fn check_mountpoint(mp: &Path) -> Result<PathBuf> {
-    let meta = std::fs::metadata(mp).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(libc::ENOTCONN) {
-            " (a dead FUSE mount: run 'umount -l' on it)"
-        } else {
-            ""
-        };
-        Error::Invalid(format!("mount point {}: {e}{hint}", mp.display()))
-    })?;
-    if !meta.is_dir() {
-        return Err(Error::Invalid(format!(
-            "mount point {} is not a directory",
-            mp.display()
-        )));
-    }
-    let canon = std::fs::canonicalize(mp)
-        .map_err(|e| Error::Invalid(format!("mount point {}: {e}", mp.display())))?;
-    let parent_dev = canon
-        .parent()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map(|m| m.dev());
-    if is_mount_point(&canon) || parent_dev.is_some_and(|d| d != meta.dev()) {
-        return Err(Error::Invalid(format!(
-            "mount point {} is already a mount point",
-            mp.display()
-        )));
-    }
-    Ok(canon)
 }
 
 /// Opens the chains and mounts. Returns the process exit code.
@@ -418,133 +318,5 @@ fn abort_connection(dev: u64) {
     }
     if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&abort) {
         let _ = f.write_all(b"1");
-    }
-}
-
-/// Reads the daemon pid from the mount's root xattr.
-pub fn daemon_pid(mountpoint: &Path) -> Option<i32> {
-    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).ok()?;
-    let name = std::ffi::CString::new(crate::fs::PID_XATTR).ok()?;
-    let mut buf = [0u8; 32];
-    // SAFETY: getxattr writes at most buf.len() bytes into buf.
-    let n = unsafe {
-        libc::getxattr(
-            c.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n <= 0 {
-        return None;
-    }
-    std::str::from_utf8(&buf[..n as usize])
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // A zombie has exited; it only waits to be reaped.
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-/// `streamfs umount`: unmounts and waits for the daemon to exit (so the leaf is flushed).
-pub fn umount(mountpoint: &Path, lazy: bool, timeout: Duration) -> Result<()> {
-    let pid = daemon_pid(mountpoint);
-    if pid.is_none() && !is_mount_point(mountpoint) {
-        return Err(Error::Invalid(format!(
-            "{} is not mounted",
-            mountpoint.display()
-        )));
-    }
-    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| Error::Invalid("mount point contains a NUL byte".into()))?;
-    let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EPERM) => {
-                let mut cmd = std::process::Command::new("fusermount3");
-                cmd.arg("-u");
-                if lazy {
-                    cmd.arg("-z");
-                }
-                let ok = cmd.arg(mountpoint).status().is_ok_and(|s| s.success());
-                if !ok {
-                    return Err(Error::io(mountpoint, "unmount", e));
-                }
-            }
-            Some(libc::EBUSY) => {
-                return Err(Error::Invalid(format!(
-                    "{} is busy (files are open); close them or use --lazy",
-                    mountpoint.display()
-                )))
-            }
-            _ => return Err(Error::io(mountpoint, "unmount", e)),
-        }
-    }
-    if let Some(pid) = pid {
-        let deadline = Instant::now() + timeout;
-        while process_alive(pid) {
-            if Instant::now() >= deadline {
-                return Err(Error::Invalid(format!(
-                    "unmounted, but daemon {pid} has not exited after {}s",
-                    timeout.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_args_and_names() {
-        assert_eq!(
-            parse_chain_arg("/images/vm1.qcow2").unwrap(),
-            ("vm1.raw".into(), "/images/vm1.qcow2".into())
-        );
-        assert_eq!(
-            parse_chain_arg("disk").unwrap(),
-            ("disk.raw".into(), "disk".into())
-        );
-        assert_eq!(parse_chain_arg("a.b.qcow2").unwrap().0, "a.b.raw");
-        assert_eq!(
-            parse_chain_arg("root=x/y.qcow2").unwrap(),
-            ("root".into(), "x/y.qcow2".into())
-        );
-        assert!(
-            parse_chain_arg("/tmp/a=b/c.qcow2").is_err(),
-            "a NAME with '/'"
-        );
-        assert_eq!(
-            parse_chain_arg("d=/tmp/a=b/c.qcow2").unwrap(),
-            ("d".into(), "/tmp/a=b/c.qcow2".into())
-        );
-        assert!(parse_chain_arg(".control=x.qcow2").is_err());
-        assert!(parse_chain_arg("=x.qcow2").is_err());
-        assert!(parse_chain_arg("a b=x.qcow2").is_err());
-        assert!(parse_chain_arg("name=").is_err());
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 }
