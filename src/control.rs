@@ -4,12 +4,13 @@
 //!
 //! Commands (one per write, trailing newline optional):
 //!     start NAME [base=BACKING] [speed=BYTES] [offset=BYTES] [length=BYTES]
-//!     cancel NAME | pause NAME | resume NAME | speed NAME BYTES
+//!     cancel NAME | pause NAME | resume NAME | speed NAME BYTES | threshold NAME BYTES
 //! Status: one line per chain, `NAME key=value ...`, values without spaces except the
 //! quoted `error="..."`.
 
 use std::collections::BTreeMap;
 
+use crate::events::quote;
 use crate::jobs::{Jobs, StartRequest, StatusLine};
 use crate::{Error, Result};
 
@@ -29,6 +30,7 @@ pub enum Command {
     Pause(String),
     Resume(String),
     Speed(String, u64),
+    Threshold(String, u64),
 }
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T> {
@@ -123,6 +125,10 @@ pub fn parse_command(input: &[u8]) -> Result<Command> {
             [name, bytes] => Ok(Command::Speed(name.to_string(), parse_bytes(bytes)?)),
             _ => invalid("usage: speed NAME BYTES"),
         },
+        "threshold" => match args {
+            [name, bytes] => Ok(Command::Threshold(name.to_string(), parse_bytes(bytes)?)),
+            _ => invalid("usage: threshold NAME BYTES"),
+        },
         _ => invalid(format!("unknown command '{verb}'")),
     }
 }
@@ -147,29 +153,15 @@ pub fn execute(jobs: &Jobs, cmd: Command) -> Result<()> {
         Command::Pause(name) => jobs.pause(&name),
         Command::Resume(name) => jobs.resume(&name),
         Command::Speed(name, bytes) => jobs.set_speed(&name, bytes),
+        Command::Threshold(name, bytes) => jobs.set_threshold(&name, bytes),
     }
-}
-
-fn quote(s: &str) -> String {
-    let mut q = String::with_capacity(s.len() + 2);
-    q.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => q.push_str("\\\""),
-            '\\' => q.push_str("\\\\"),
-            c if c.is_control() => q.push(' '),
-            c => q.push(c),
-        }
-    }
-    q.push('"');
-    q
 }
 
 pub fn render(lines: &[StatusLine]) -> String {
     let mut out = String::new();
     for l in lines {
         out.push_str(&format!(
-            "{} state={} offset={} len={} copied={} rate={} eta={} speed={} base={} layers={} leaf={}",
+            "{} state={} offset={} len={} copied={} rate={} eta={} speed={} base={} layers={} leaf={} threshold={} alloc={}",
             l.name,
             l.state.as_str(),
             l.offset,
@@ -181,6 +173,8 @@ pub fn render(lines: &[StatusLine]) -> String {
             l.base.as_deref().unwrap_or("-").replace(char::is_whitespace, "?"),
             l.layers,
             l.leaf_bytes,
+            l.threshold,
+            l.alloc,
         ));
         if let Some(e) = &l.error {
             out.push_str(" error=");
@@ -193,53 +187,53 @@ pub fn render(lines: &[StatusLine]) -> String {
 
 /// Parses status text back into (name, key -> value) lines (for the CLI).
 pub fn parse_status(text: &str) -> Vec<(String, BTreeMap<String, String>)> {
-    let mut lines = Vec::new();
-    for line in text.lines() {
-        let mut rest = line.trim();
-        let Some((name, tail)) = rest.split_once(' ') else {
-            if !rest.is_empty() {
-                lines.push((rest.to_string(), BTreeMap::new()));
-            }
-            continue;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let line = line.trim();
+            let (name, rest) = line.split_once(' ').unwrap_or((line, ""));
+            (name.to_string(), parse_pairs(rest).into_iter().collect())
+        })
+        .collect()
+}
+
+/// Parses `key=value` tokens in order; a value may be quoted (`error="a \"b\""`).
+pub fn parse_pairs(mut rest: &str) -> Vec<(String, String)> {
+    let mut kv = Vec::new();
+    loop {
+        rest = rest.trim_start();
+        let Some((k, after)) = rest.split_once('=') else {
+            break;
         };
-        rest = tail;
-        let mut kv = BTreeMap::new();
-        while !rest.is_empty() {
-            rest = rest.trim_start();
-            let Some((k, after)) = rest.split_once('=') else {
-                break;
-            };
-            let (v, next) = if let Some(q) = after.strip_prefix('"') {
-                let mut v = String::new();
-                let mut chars = q.char_indices();
-                let mut end = q.len();
-                while let Some((i, c)) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some((_, n)) = chars.next() {
-                                v.push(n);
-                            }
+        let (v, next) = if let Some(q) = after.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = q.char_indices();
+            let mut end = q.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            v.push(n);
                         }
-                        '"' => {
-                            end = i + 1;
-                            break;
-                        }
-                        c => v.push(c),
                     }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
                 }
-                (v, &q[end.min(q.len())..])
-            } else {
-                match after.split_once(' ') {
-                    Some((v, n)) => (v.to_string(), n),
-                    None => (after.to_string(), ""),
-                }
-            };
-            kv.insert(k.to_string(), v);
-            rest = next;
-        }
-        lines.push((name.to_string(), kv));
+            }
+            (v, &q[end.min(q.len())..])
+        } else {
+            match after.split_once(' ') {
+                Some((v, n)) => (v.to_string(), n),
+                None => (after.to_string(), ""),
+            }
+        };
+        kv.push((k.to_string(), v));
+        rest = next;
     }
-    lines
+    kv
 }
 
 #[cfg(test)]
@@ -308,6 +302,10 @@ mod tests {
             parse_command(b"speed a 0").unwrap(),
             Command::Speed("a".into(), 0)
         );
+        assert_eq!(
+            parse_command(b"threshold a 1G").unwrap(),
+            Command::Threshold("a".into(), 1 << 30)
+        );
     }
 
     #[test]
@@ -327,6 +325,9 @@ mod tests {
             b"cancel a b",
             b"speed a",
             b"speed a 1Q",
+            b"threshold a",
+            b"threshold a -1",
+            b"threshold a 1 2",
             b"start a\nstart b",
             b"\xff\xfe\x00binary",
             b"start a\0",
@@ -353,6 +354,8 @@ mod tests {
             error: Some("read failed: \"base\" at 42\nbad".into()),
             layers: 3,
             leaf_bytes: 8192,
+            threshold: 0,
+            alloc: 196608,
         };
         let text = render(std::slice::from_ref(&line));
         assert!(text.starts_with("vm1.raw state=failed offset=65536 len=1048576 copied=4096 rate=100 eta=3 speed=0 base=- "));

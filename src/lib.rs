@@ -12,6 +12,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod events;
 pub mod fault;
 pub mod format;
 pub mod fs;

@@ -5,6 +5,7 @@
 pub mod locks;
 pub mod open;
 pub mod stream;
+pub mod threshold;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -62,6 +63,8 @@ pub struct Chain {
     locks: ClusterLocks,
     pub counters: Counters,
     epoch: Instant,
+    /// Armed write threshold on the leaf's file (0 = none); see `threshold`.
+    threshold: AtomicU64,
 }
 
 /// Marks a guest request in flight for the stream workers' back-off (None: no stream
@@ -99,6 +102,7 @@ impl Chain {
             locks: ClusterLocks::default(),
             counters: Counters::default(),
             epoch: Instant::now(),
+            threshold: AtomicU64::new(0),
         })
     }
 

@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::chain::Chain;
 use crate::fs::StreamFs;
@@ -175,7 +175,7 @@ fn block_signals() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -192,8 +192,9 @@ fn serve(
 ) -> i32 {
     // Every thread spawned from here on inherits the mask; one thread waits for signals.
     let sigset = block_signals();
-    let jobs = Arc::new(Jobs::new(chains, opts.speed));
-    let fs = StreamFs::new(jobs.clone());
+    let jobs = Arc::new(Jobs::new(chains, Arc::default(), opts.speed));
+    let io_errors = Arc::new(crate::events::IoErrors::default());
+    let fs = StreamFs::new(jobs.clone(), io_errors.clone());
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("streamfs".into()),
@@ -235,6 +236,10 @@ fn serve(
             }
         }
     }
+    let (bus, errs) = (jobs.bus().clone(), io_errors.clone());
+    let _ = std::thread::Builder::new()
+        .name("io-errors".into())
+        .spawn(move || errs.run_flusher(&bus));
     let jobs_for_checkpoints = jobs.clone();
     let _ = std::thread::Builder::new()
         .name("checkpoint".into())
@@ -270,6 +275,7 @@ fn checkpoints(jobs: &Jobs) {
             if let Err(e) = chain.checkpoint() {
                 log::error!("{}: checkpoint: {e}", chain.name());
             }
+            jobs.after_write(chain);
         }
     }
 }
@@ -280,13 +286,29 @@ fn checkpoints(jobs: &Jobs) {
 /// and the process exits after a grace period.
 fn wait_for_signal(set: libc::sigset_t, mountpoint: &Path, jobs: &Jobs) {
     let mut sig = 0;
-    // SAFETY: sigwait on the blocked set; `sig` receives the signal number.
-    unsafe { libc::sigwait(&set, &mut sig) };
+    loop {
+        // SAFETY: sigwait on the blocked set; `sig` receives the signal number.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        // `.events` readers keep the mount busy: end them first (end-of-file), and
+        // give them a moment to close. SIGUSR1 (from `streamfs umount`) does only that.
+        jobs.bus().close();
+        if sig != libc::SIGUSR1 {
+            break;
+        }
+        log::info!("ending .events readers before an unmount");
+    }
     log::info!("signal {sig}: unmounting {}", mountpoint.display());
     let dev = std::fs::metadata(mountpoint).map(|m| m.dev()).ok();
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).expect("no NUL in path");
     // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+    let umount = || unsafe { libc::umount2(c.as_ptr(), 0) } == 0;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut unmounted = umount();
+    while !unmounted && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        unmounted = umount();
+    }
+    if !unmounted {
         if let Some(dev) = dev {
             abort_connection(dev);
         }

@@ -125,7 +125,26 @@ pub fn umount(mountpoint: &Path, lazy: bool, timeout: Duration) -> Result<()> {
         .map_err(|_| Error::Invalid("mount point contains a NUL byte".into()))?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+    let try_umount = || unsafe { libc::umount2(c.as_ptr(), flags) } == 0;
+    let mut done = try_umount();
+    if !done && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY) {
+        // Perhaps only `.events` readers hold it: ask the daemon to end them (they read
+        // end-of-file and close), then try again for a moment.
+        if let Some(pid) = pid {
+            // SAFETY: kill with a pid read from the mount's xattr.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while !done && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                done = try_umount();
+            }
+            if !done {
+                // Report the failure of the last try, as before.
+                done = try_umount();
+            }
+        }
+    }
+    if !done {
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EPERM) => {

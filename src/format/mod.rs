@@ -131,6 +131,14 @@ impl Image {
             Image::Raw(r) => r.size(),
         }
     }
+    /// Where the image's allocated data ends in its file (qcow2: the end of the highest
+    /// allocated cluster, qemu-img check's "Image end offset"; raw: its size).
+    pub fn alloc_end(&self) -> u64 {
+        match self {
+            Image::Qcow2(q) => q.alloc_end(),
+            Image::Raw(r) => r.size(),
+        }
+    }
     pub fn is_writable(&self) -> bool {
         match self {
             Image::Qcow2(q) => q.is_writable(),

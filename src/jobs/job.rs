@@ -15,6 +15,7 @@ use super::state::{next, Event, JobState, Phase};
 use super::throttle::Throttle;
 use super::worker;
 use crate::chain::{Chain, Layers};
+use crate::events::{quote, Bus};
 use crate::{Error, Result};
 
 /// Stream workers per job.
@@ -28,6 +29,8 @@ const CHECKPOINT: Duration = Duration::from_secs(2);
 /// The mutable part of a job; every field is read and written under `Job::inner`.
 pub(super) struct Inner {
     pub phase: Phase,
+    /// `started` is published: the driver waits for it, so it precedes every event.
+    pub announced: bool,
     pub error: Option<String>,
     /// Workers started and not yet returned, and how many of those are parked.
     pub live: usize,
@@ -46,6 +49,7 @@ pub(super) struct Inner {
 
 pub struct Job {
     pub chain: Arc<Chain>,
+    bus: Arc<Bus>,
     /// Guest range being streamed, cluster aligned.
     pub start: u64,
     pub end: u64,
@@ -72,6 +76,7 @@ pub struct Snapshot {
 impl Job {
     pub fn new(
         chain: Arc<Chain>,
+        bus: Arc<Bus>,
         layers: Arc<Layers>,
         (start, end): (u64, u64),
         whole_disk: bool,
@@ -81,6 +86,7 @@ impl Job {
         let base_label = base.map(|b| layers[b].image.path().display().to_string());
         Job {
             chain,
+            bus,
             start,
             end,
             whole_disk,
@@ -89,6 +95,7 @@ impl Job {
             throttle: Throttle::new(speed),
             inner: Mutex::new(Inner {
                 phase: Phase::Running,
+                announced: false,
                 error: None,
                 // Counted from the start, so a pause sent before the threads run waits
                 // for them to park; a worker that fails to start is taken off.
@@ -107,17 +114,54 @@ impl Job {
 
     /// Applies `ev`; the only place a phase changes.
     pub(super) fn apply(&self, inner: &mut Inner, ev: Event) -> Result<Phase, &'static str> {
-        let to = next(inner.phase, ev)?;
-        if to != inner.phase {
-            log::debug!(
-                "{}: job {:?} -> {to:?} on {ev:?}",
-                self.chain.name(),
-                inner.phase
-            );
+        let from = inner.phase;
+        let to = next(from, ev)?;
+        if to != from {
+            log::debug!("{}: job {from:?} -> {to:?} on {ev:?}", self.chain.name());
             inner.phase = to;
             self.changed.notify_all();
+            let offset = || vec![("offset", self.progress(inner).to_string())];
+            match (from, to) {
+                (_, Phase::Paused) => self.emit("paused", &offset()),
+                (Phase::Paused, Phase::Running) => self.emit("resumed", &offset()),
+                _ => {}
+            }
         }
         Ok(to)
+    }
+
+    /// After the job wrote to the leaf: the write threshold may have fired.
+    pub fn after_write(&self) {
+        super::registry::report_threshold(&self.bus, &self.chain);
+    }
+
+    fn emit(&self, event: &str, kv: &[(&str, String)]) {
+        self.bus.publish(self.chain.name(), event, kv);
+    }
+
+    /// Publishes `started` and lets the driver go: `started` precedes every other event.
+    pub fn announce(&self) {
+        let kv = [
+            ("offset", "0".to_string()),
+            ("len", (self.end - self.start).to_string()),
+            ("speed", self.throttle.speed().to_string()),
+            ("base", self.base_name()),
+        ];
+        self.emit("started", &kv);
+        self.inner.lock().announced = true;
+        self.changed.notify_all();
+    }
+
+    fn base_name(&self) -> String {
+        self.base_label
+            .as_deref()
+            .unwrap_or("-")
+            .replace(char::is_whitespace, "?")
+    }
+
+    pub fn set_speed(&self, bytes: u64) {
+        self.throttle.set_speed(bytes);
+        self.emit("speed", &[("speed", bytes.to_string())]);
     }
 
     pub fn is_ended(&self) -> bool {
@@ -309,13 +353,21 @@ impl Job {
         if let Err(e) = self.chain.checkpoint() {
             self.fail(format!("writing back the leaf's metadata: {e}"));
         }
+        self.after_write();
     }
 
     // ---- the driver ----
 
     /// Runs the job: starts the workers, waits for all of them, settles the outcome.
     pub fn drive(self: Arc<Self>) {
-        let Some(layers) = self.inner.lock().layers.clone() else {
+        let layers = {
+            let mut inner = self.inner.lock();
+            while !inner.announced {
+                self.changed.wait(&mut inner);
+            }
+            inner.layers.clone()
+        };
+        let Some(layers) = layers else {
             return;
         };
         let mut handles = Vec::new();
@@ -394,17 +446,38 @@ impl Job {
             .counters
             .streams
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let state = inner.phase.shown();
+        let why = inner.error.as_ref().map(|e| format!(": {e}"));
         log::info!(
             "{}: stream {}{}",
             self.chain.name(),
-            inner.phase.shown().as_str(),
-            inner
-                .error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
+            state.as_str(),
+            why.unwrap_or_default()
         );
+        let len = self.end - self.start;
+        let offset = match state {
+            JobState::Completed => len,
+            _ => self.progress(&inner),
+        };
+        let mut kv = vec![
+            ("offset", offset.to_string()),
+            ("len", len.to_string()),
+            ("copied", inner.copied.to_string()),
+        ];
+        match state {
+            JobState::Completed => {
+                kv.push(("base", self.base_name()));
+                kv.push(("layers", self.chain.layers().len().to_string()));
+            }
+            JobState::Failed => {
+                kv.push(("error", quote(inner.error.as_deref().unwrap_or("unknown"))));
+            }
+            _ => {}
+        }
         self.changed.notify_all();
+        drop(inner);
+        // Published once the state is settled, so a reader woken by it finds it final.
+        self.emit(state.as_str(), &kv);
     }
 
     /// The proof of completion, then the backing-link rewrite (whole-disk streams).

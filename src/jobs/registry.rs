@@ -11,6 +11,7 @@ use super::job::Job;
 use super::state::JobState;
 use super::ENOJOB;
 use crate::chain::{Chain, Layer};
+use crate::events::Bus;
 use crate::{Error, Result};
 
 /// What `start` asks for.
@@ -39,22 +40,31 @@ pub struct StatusLine {
     /// Images in the chain, and bytes of the disk the leaf defines itself.
     pub layers: usize,
     pub leaf_bytes: u64,
+    /// The armed write threshold (0 = none) and the leaf's allocated end in its file.
+    pub threshold: u64,
+    pub alloc: u64,
 }
 
 pub struct Jobs {
     chains: Vec<Arc<Chain>>,
+    bus: Arc<Bus>,
     slots: Vec<Mutex<Option<Arc<Job>>>>,
     default_speed: u64,
 }
 
 impl Jobs {
-    pub fn new(chains: Vec<Arc<Chain>>, default_speed: u64) -> Jobs {
+    pub fn new(chains: Vec<Arc<Chain>>, bus: Arc<Bus>, default_speed: u64) -> Jobs {
         let slots = chains.iter().map(|_| Mutex::new(None)).collect();
         Jobs {
             chains,
+            bus,
             slots,
             default_speed,
         }
+    }
+
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.bus
     }
 
     pub fn chains(&self) -> &[Arc<Chain>] {
@@ -110,8 +120,27 @@ impl Jobs {
     }
 
     pub fn set_speed(&self, name: &str, bytes: u64) -> Result<()> {
-        self.active(name)?.throttle.set_speed(bytes);
+        self.active(name)?.set_speed(bytes);
         Ok(())
+    }
+
+    pub fn set_threshold(&self, name: &str, bytes: u64) -> Result<()> {
+        let i = self.index(name)?;
+        self.chains[i].set_threshold(bytes)?;
+        log::info!(
+            "{name}: write threshold {}",
+            if bytes == 0 {
+                "disarmed".into()
+            } else {
+                format!("at {bytes}")
+            }
+        );
+        Ok(())
+    }
+
+    /// After a write to `chain`'s leaf: publishes `threshold` if it fired.
+    pub fn after_write(&self, chain: &Chain) {
+        report_threshold(&self.bus, chain);
     }
 
     pub fn start(&self, req: &StartRequest) -> Result<()> {
@@ -165,6 +194,7 @@ impl Jobs {
         }
         let job = Arc::new(Job::new(
             chain.clone(),
+            self.bus.clone(),
             layers,
             range,
             whole_disk,
@@ -190,7 +220,9 @@ impl Jobs {
             range.0,
             range.1
         );
-        *slot = Some(job);
+        *slot = Some(job.clone());
+        drop(slot);
+        job.announce();
         Ok(())
     }
 
@@ -216,6 +248,8 @@ impl Jobs {
                     error: None,
                     layers,
                     leaf_bytes,
+                    threshold: chain.threshold(),
+                    alloc: chain.alloc(),
                 };
                 if let Some(job) = job {
                     let s = job.snapshot();
@@ -244,6 +278,27 @@ impl Jobs {
                 }
             }
         }
+    }
+}
+
+/// Publishes `threshold` for `chain` if a write took its leaf past the threshold.
+pub fn report_threshold(bus: &Bus, chain: &Chain) {
+    if let Some(c) = chain.threshold_crossing() {
+        log::info!(
+            "{}: write threshold {} exceeded by {}",
+            chain.name(),
+            c.threshold,
+            c.exceeded
+        );
+        bus.publish(
+            chain.name(),
+            "threshold",
+            &[
+                ("threshold", c.threshold.to_string()),
+                ("exceeded", c.exceeded.to_string()),
+                ("alloc", c.alloc.to_string()),
+            ],
+        );
     }
 }
 

@@ -105,6 +105,9 @@ fn copy_range(job: &Job, layers: &Layers, a: u64, b: u64) -> Result<bool, String
                     .map_err(|e| format!("at guest offset {pos}: {e}"))?;
             }
             job.throttle.refund(piece.saturating_sub(copied));
+            if copied > 0 {
+                job.after_write();
+            }
             piece
         };
         pos += run;

@@ -326,6 +326,10 @@ impl Qcow2 {
     pub fn geometry(&self) -> Geometry {
         self.geo
     }
+    /// End of the highest allocated cluster (allocation only ever bumps it).
+    pub fn alloc_end(&self) -> u64 {
+        self.meta.lock().next_free
+    }
     pub fn is_writable(&self) -> bool {
         self.writable
     }

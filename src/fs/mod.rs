@@ -35,15 +35,21 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+mod events_file;
+
+use self::events_file::EventReaders;
 use crate::chain::Chain;
 use crate::control;
+use crate::events::{Bus, Failure, IoErrors};
 use crate::jobs::Jobs;
 use crate::Error;
 
 const ROOT: u64 = 1;
 const CONTROL: u64 = 2;
-const FIRST_CHAIN: u64 = 3;
+const EVENTS: u64 = 3;
+const FIRST_CHAIN: u64 = 4;
 pub const CONTROL_NAME: &str = ".control";
+pub const EVENTS_NAME: &str = ".events";
 /// Extended attribute on the root directory holding the daemon's pid.
 pub const PID_XATTR: &str = "user.streamfs.pid";
 const TTL: Duration = Duration::from_secs(1);
@@ -57,6 +63,9 @@ struct ControlHandle {
 
 pub struct StreamFs {
     jobs: Arc<Jobs>,
+    bus: Arc<Bus>,
+    events: EventReaders,
+    io_errors: Arc<IoErrors>,
     handles: Mutex<HashMap<u64, ControlHandle>>,
     next_fh: AtomicU64,
     uid: u32,
@@ -74,10 +83,14 @@ thread_local! {
 }
 
 impl StreamFs {
-    pub fn new(jobs: Arc<Jobs>) -> StreamFs {
+    pub fn new(jobs: Arc<Jobs>, io_errors: Arc<IoErrors>) -> StreamFs {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let bus = jobs.bus().clone();
         StreamFs {
+            events: EventReaders::new(bus.clone()),
+            bus,
+            io_errors,
             jobs,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -96,6 +109,7 @@ impl StreamFs {
         let (kind, perm, size, nlink) = match ino {
             ROOT => (FileType::Directory, 0o755, 0, 2),
             CONTROL => (FileType::RegularFile, 0o600, 0, 1),
+            EVENTS => (FileType::RegularFile, 0o400, 0, 1),
             _ => {
                 let c = self.chain(INodeNo(ino))?;
                 let perm = if c.read_only() { 0o444 } else { 0o644 };
@@ -134,6 +148,22 @@ impl StreamFs {
         }
     }
 
+    /// An error answered to a guest request: logged, and an `io-error` event.
+    fn io_error(&self, chain: &Chain, op: &'static str, off: u64, len: u64, e: &Error) {
+        if e.errno() == libc::EIO {
+            log::error!("{}: {op} {len}@{off}: {e}", chain.name());
+        }
+        let why = e.to_string();
+        let f = Failure {
+            op,
+            off,
+            len,
+            errno: e.errno(),
+            why: &why,
+        };
+        self.io_errors.report(&self.bus, chain.name(), f);
+    }
+
     fn control_write(&self, fh: u64, data: &[u8]) -> Result<(), Error> {
         let result = control::parse_command(data).and_then(|cmd| control::execute(&self.jobs, cmd));
         let answer = match &result {
@@ -163,6 +193,7 @@ impl Filesystem for StreamFs {
     }
 
     fn destroy(&mut self) {
+        self.bus.close();
         self.jobs.shutdown();
         for c in self.jobs.chains() {
             if let Err(e) = c.flush_all() {
@@ -178,6 +209,8 @@ impl Filesystem for StreamFs {
             }
             let ino = if name == CONTROL_NAME {
                 Some(CONTROL)
+            } else if name == EVENTS_NAME {
+                Some(EVENTS)
             } else {
                 self.jobs
                     .chains()
@@ -247,6 +280,18 @@ impl Filesystem for StreamFs {
                 );
                 return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
             }
+            if ino.0 == EVENTS {
+                // Read-only, even for root (whom default_permissions lets past 0400).
+                if writing {
+                    return reply.error(Errno::EACCES);
+                }
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.events.open(fh);
+                return reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE,
+                );
+            }
             let Some(chain) = self.chain(ino) else {
                 return reply.error(Errno::ENOENT);
             };
@@ -269,11 +314,15 @@ impl Filesystem for StreamFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         self.guard("read", move || {
+            if ino.0 == EVENTS {
+                let nonblocking = flags.0 & libc::O_NONBLOCK != 0;
+                return self.events.read(fh.0, size, nonblocking, reply);
+            }
             if ino.0 == CONTROL {
                 // Copy out under the lock, reply outside it.
                 let bytes = {
@@ -307,9 +356,13 @@ impl Filesystem for StreamFs {
                     buf.resize(size as usize, 0);
                 }
                 match chain.read(offset, &mut buf[..size as usize]) {
-                    Ok(n) => reply.data(&buf[..n]),
+                    Ok(n) => {
+                        // Copy-on-read writes to the leaf too.
+                        self.jobs.after_write(chain);
+                        reply.data(&buf[..n])
+                    }
                     Err(e) => {
-                        log::error!("{}: read {size}@{offset}: {e}", chain.name());
+                        self.io_error(chain, "read", offset, size.into(), &e);
                         reply.error(errno(&e))
                     }
                 }
@@ -334,21 +387,25 @@ impl Filesystem for StreamFs {
                 return match self.control_write(fh.0, data) {
                     Ok(()) => reply.written(data.len() as u32),
                     Err(e) => {
-                        log::info!("control: {e}");
+                        log::debug!("control: {e}");
                         reply.error(errno(&e))
                     }
                 };
+            }
+            if ino.0 == EVENTS {
+                return reply.error(Errno::EBADF);
             }
             let Some(chain) = self.chain(ino) else {
                 return reply.error(Errno::ENOENT);
             };
             let _io = chain.guest_io();
             match chain.write(offset, data) {
-                Ok(n) => reply.written(n as u32),
+                Ok(n) => {
+                    self.jobs.after_write(chain);
+                    reply.written(n as u32)
+                }
                 Err(e) => {
-                    if e.errno() == libc::EIO {
-                        log::error!("{}: write {}@{offset}: {e}", chain.name(), data.len());
-                    }
+                    self.io_error(chain, "write", offset, data.len() as u64, &e);
                     reply.error(errno(&e))
                 }
             }
@@ -368,7 +425,7 @@ impl Filesystem for StreamFs {
             // closes the file and then inspects the leaf, or unmounts, finds it consistent.
             if let Some(chain) = self.chain(ino) {
                 if let Err(e) = chain.flush_all() {
-                    log::error!("{}: flush on close: {e}", chain.name());
+                    self.io_error(chain, "flush", 0, 0, &e);
                     return reply.error(errno(&e));
                 }
             }
@@ -389,6 +446,8 @@ impl Filesystem for StreamFs {
         self.guard("release", move || {
             if ino.0 == CONTROL {
                 self.handles.lock().remove(&fh.0);
+            } else if ino.0 == EVENTS {
+                self.events.release(fh.0);
             }
             reply.ok()
         })
@@ -408,9 +467,12 @@ impl Filesystem for StreamFs {
             };
             let _io = chain.guest_io();
             match chain.flush() {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    self.jobs.after_write(chain);
+                    reply.ok()
+                }
                 Err(e) => {
-                    log::error!("{}: fsync: {e}", chain.name());
+                    self.io_error(chain, "flush", 0, 0, &e);
                     reply.error(errno(&e))
                 }
             }
@@ -433,6 +495,7 @@ impl Filesystem for StreamFs {
                 (ROOT, FileType::Directory, ".".to_string()),
                 (ROOT, FileType::Directory, "..".to_string()),
                 (CONTROL, FileType::RegularFile, CONTROL_NAME.to_string()),
+                (EVENTS, FileType::RegularFile, EVENTS_NAME.to_string()),
             ];
             for (i, c) in self.jobs.chains().iter().enumerate() {
                 entries.push((
@@ -521,8 +584,16 @@ impl Filesystem for StreamFs {
                 Err(Error::state(libc::EOPNOTSUPP, "fallocate mode"))
             };
             match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
+                Ok(()) => {
+                    self.jobs.after_write(chain);
+                    reply.ok()
+                }
+                Err(e) => {
+                    if e.errno() != libc::EOPNOTSUPP {
+                        self.io_error(chain, "discard", offset, length, &e);
+                    }
+                    reply.error(errno(&e))
+                }
             }
         })
     }
@@ -554,5 +625,44 @@ impl Filesystem for StreamFs {
                 Err(e) => reply.error(errno(&e)),
             }
         })
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        self.guard("poll", move || {
+            use fuser::PollEvents as P;
+            if ino.0 != EVENTS {
+                return reply.poll(P::POLLIN | P::POLLOUT);
+            }
+            let schedule = flags.contains(fuser::PollFlags::FUSE_POLL_SCHEDULE_NOTIFY);
+            match self.events.poll(fh.0, ph, schedule) {
+                Ok(true) => reply.poll(P::POLLIN | P::POLLRDNORM),
+                Ok(false) => reply.poll(P::empty()),
+                Err(e) => reply.error(e),
+            }
+        })
+    }
+
+    /// No ioctls: isatty() and friends get ENOTTY, quietly (Python asks on every open).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY)
     }
 }

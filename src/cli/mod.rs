@@ -1,17 +1,21 @@
 //! The command line: `mount`/`umount` drive the daemon; `status`, `start`, `cancel`,
-//! `pause`, `resume` and `speed` talk to a running mount through its `.control` file.
+//! `pause`, `resume`, `speed` and `threshold` talk to a running mount through its
+//! `.control` file (`client`); `events`, `wait`, `start --wait` and `status --watch`
+//! follow its `.events` (`wait`), drawing progress (`progress`).
+
+mod client;
+mod progress;
+mod wait;
 
 use std::fs::OpenOptions;
-use std::io::{IsTerminal, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::control::{self, parse_bytes};
+use self::client::send;
+use crate::control::parse_bytes;
 use crate::daemon::{self, MountOptions};
-use crate::fs::CONTROL_NAME;
 
 #[derive(Parser)]
 #[command(
@@ -117,6 +121,30 @@ enum Cmd {
         #[arg(value_parser = bytes_arg)]
         bytes: u64,
     },
+    /// Follow MOUNTPOINT/.events until interrupted or unmounted (exit 0 at unmount).
+    Events {
+        mountpoint: PathBuf,
+        /// One JSON object per line (seq, time, name, event, and the event's keys).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block until NAME's job ends: exit 0 completed, 1 failed or cancelled, 2 on
+    /// timeout, no job since the mount, or bad usage.
+    Wait {
+        mountpoint: PathBuf,
+        name: String,
+        /// Give up after this many seconds (exit 2).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+    },
+    /// Arm a one-shot write threshold on NAME's leaf image file (0 disarms): one
+    /// `threshold` event fires when a write reaches past host offset BYTES.
+    Threshold {
+        mountpoint: PathBuf,
+        name: String,
+        #[arg(value_parser = bytes_arg)]
+        bytes: u64,
+    },
 }
 
 fn bytes_arg(s: &str) -> Result<u64, String> {
@@ -196,7 +224,7 @@ pub fn main() -> i32 {
                 1
             }
         },
-        Cmd::Status { mountpoint, watch } => status(&mountpoint, watch),
+        Cmd::Status { mountpoint, watch } => wait::status(&mountpoint, watch),
         Cmd::Start {
             mountpoint,
             name,
@@ -219,7 +247,7 @@ pub fn main() -> i32 {
             if code != 0 || !wait {
                 return code;
             }
-            wait_for_job(&mountpoint, &name)
+            wait::wait(&mountpoint, &name, None, true)
         }
         Cmd::Cancel { mountpoint, name } => send(&mountpoint, &format!("cancel {name}")),
         Cmd::Pause { mountpoint, name } => send(&mountpoint, &format!("pause {name}")),
@@ -229,168 +257,23 @@ pub fn main() -> i32 {
             name,
             bytes,
         } => send(&mountpoint, &format!("speed {name} {bytes}")),
-    }
-}
-
-/// Writes one command to `.control` and prints the daemon's answer.
-fn send(mountpoint: &Path, cmd: &str) -> i32 {
-    let path = mountpoint.join(CONTROL_NAME);
-    let mut f = match OpenOptions::new().read(true).write(true).open(&path) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!(
-                "streamfs: {}: {e} (is a streamfs file system mounted there?)",
-                path.display()
-            );
-            return 1;
-        }
-    };
-    let write_result = f.write_all(cmd.as_bytes());
-    let mut answer = [0u8; 4096];
-    let n = f.read_at(&mut answer, 0).unwrap_or(0);
-    let answer = String::from_utf8_lossy(&answer[..n]).trim_end().to_string();
-    match (write_result, answer.as_str()) {
-        (Ok(()), "ok") => {
-            println!("ok");
-            0
-        }
-        (_, a) if a.starts_with("error: ") => {
-            eprintln!("streamfs: {}", &a[7..]);
-            1
-        }
-        (Err(e), _) => {
-            eprintln!("streamfs: {cmd}: {e}");
-            1
-        }
-        (Ok(()), a) => {
-            eprintln!("streamfs: unexpected answer: {a}");
-            1
-        }
-    }
-}
-
-type StatusLines = Vec<(String, std::collections::BTreeMap<String, String>)>;
-
-/// Reads and parses `.control`; prints the error and returns None if it cannot.
-fn read_status(mountpoint: &Path) -> Option<StatusLines> {
-    let path = mountpoint.join(CONTROL_NAME);
-    let mut s = String::new();
-    match std::fs::File::open(&path).and_then(|mut f| f.read_to_string(&mut s)) {
-        Ok(_) => Some(control::parse_status(&s)),
-        Err(e) => {
-            eprintln!("streamfs: {}: {e}", path.display());
-            None
-        }
-    }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-fn render_line(name: &str, kv: &std::collections::BTreeMap<String, String>) -> String {
-    let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let (offset, len) = (num("offset"), num("len"));
-    let pct = if len == 0 {
-        100.0
-    } else {
-        offset as f64 * 100.0 / len as f64
-    };
-    let width = 30;
-    let filled = ((pct / 100.0) * width as f64).round() as usize;
-    let state = kv.get("state").map(String::as_str).unwrap_or("?");
-    let mut line = format!(
-        "{name:<16} [{}{}] {pct:5.1}%  {state:<9} {} / {}",
-        "#".repeat(filled.min(width)),
-        "-".repeat(width - filled.min(width)),
-        human(offset),
-        human(len)
-    );
-    if state == "running" {
-        line.push_str(&format!("  {}/s  ETA {}s", human(num("rate")), num("eta")));
-    }
-    if let Some(e) = kv.get("error") {
-        line.push_str(&format!("  error: {e}"));
-    }
-    line
-}
-
-fn status(mountpoint: &Path, watch: bool) -> i32 {
-    let tty = std::io::stdout().is_terminal();
-    loop {
-        let Some(lines) = read_status(mountpoint) else {
-            return 1;
-        };
-        if watch && tty {
-            print!("\x1b[H\x1b[2J");
-        }
-        for (name, kv) in &lines {
-            println!("{}", render_line(name, kv));
-        }
-        let active = lines.iter().any(|(_, kv)| {
-            matches!(
-                kv.get("state").map(String::as_str),
-                Some("running" | "paused")
-            )
-        });
-        if !watch || !active {
-            return 0;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// Shows NAME's progress until its job ends; 0 only if it completed.
-fn wait_for_job(mountpoint: &Path, name: &str) -> i32 {
-    let tty = std::io::stderr().is_terminal();
-    let mut last = String::new();
-    loop {
-        let Some(lines) = read_status(mountpoint) else {
-            return 1;
-        };
-        let Some((_, kv)) = lines.into_iter().find(|(n, _)| n == name) else {
-            eprintln!("streamfs: {name} disappeared from the status");
-            return 1;
-        };
-        let line = render_line(name, &kv);
-        let state = kv.get("state").cloned().unwrap_or_default();
-        if tty {
-            eprint!("\r{line}\x1b[K");
-        } else if line != last {
-            eprintln!("{line}");
-        }
-        last = line;
-        match state.as_str() {
-            "running" | "paused" => std::thread::sleep(Duration::from_millis(200)),
-            "completed" => {
-                if tty {
-                    eprintln!();
-                }
-                println!("{name}: stream completed");
-                return 0;
+        Cmd::Events { mountpoint, json } => wait::follow(&mountpoint, json),
+        Cmd::Wait {
+            mountpoint,
+            name,
+            timeout,
+        } => match timeout.map(Duration::try_from_secs_f64) {
+            Some(Err(_)) => {
+                eprintln!("streamfs: --timeout must be a number of seconds >= 0");
+                2
             }
-            other => {
-                if tty {
-                    eprintln!();
-                }
-                let why = kv
-                    .get("error")
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default();
-                eprintln!("streamfs: {name}: stream {other}{why}");
-                return 1;
-            }
-        }
+            Some(Ok(t)) => wait::wait(&mountpoint, &name, Some(t), false),
+            None => wait::wait(&mountpoint, &name, None, false),
+        },
+        Cmd::Threshold {
+            mountpoint,
+            name,
+            bytes,
+        } => send(&mountpoint, &format!("threshold {name} {bytes}")),
     }
 }
