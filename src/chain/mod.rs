@@ -211,7 +211,9 @@ impl Chain {
                 let mut i = 0;
                 while i < fills.len() {
                     let mut j = i;
-                    while j < fills.len() && fills[j] == Fill::Data {
+                    // Partly allocated clusters (extended L2) need the backing data
+                    // of their missing subclusters too.
+                    while j < fills.len() && matches!(fills[j], Fill::Data | Fill::Complete(_)) {
                         j += 1;
                     }
                     if j > i {

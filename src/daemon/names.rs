@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::fs::CONTROL_NAME;
+use crate::fs::{CONTROL_NAME, EVENTS_NAME};
 use crate::{Error, Result};
 
 /// Splits `[NAME=]IMAGE` and derives the default name (`vm1.qcow2` -> `vm1.raw`).
@@ -29,8 +29,8 @@ pub fn validate_name(name: &str) -> Result<()> {
         Some("is empty")
     } else if name.contains('/') {
         Some("contains '/'")
-    } else if name == CONTROL_NAME {
-        Some("is reserved for the control file")
+    } else if name == CONTROL_NAME || name == EVENTS_NAME {
+        Some("is reserved for the mount's control and event files")
     } else if name == "." || name == ".." {
         Some("is not a file name")
     } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -74,6 +74,7 @@ mod tests {
             ("d".into(), "/tmp/a=b/c.qcow2".into())
         );
         assert!(parse_chain_arg(".control=x.qcow2").is_err());
+        assert!(parse_chain_arg(".events=x.qcow2").is_err());
         assert!(parse_chain_arg("=x.qcow2").is_err());
         assert!(parse_chain_arg("a b=x.qcow2").is_err());
         assert!(parse_chain_arg("name=").is_err());
