@@ -3,7 +3,8 @@
 //! and out.
 //!
 //! Commands (one per write, trailing newline optional):
-//!     start NAME [base=BACKING] [speed=BYTES] [offset=BYTES] [length=BYTES]
+//!     start NAME [base=BACKING] [speed=BYTES] [offset=BYTES] [length=BYTES] [idle=POLICY]
+//!     total-speed BYTES
 //!     cancel NAME | pause NAME | resume NAME | speed NAME BYTES | threshold NAME BYTES
 //! Status: one line per chain, `NAME key=value ...`, values without spaces except the
 //! quoted `error="..."`.
@@ -11,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::events::quote;
-use crate::jobs::{Jobs, StartRequest, StatusLine};
+use crate::jobs::{Idle, Jobs, StartRequest, StatusLine};
 use crate::{Error, Result};
 
 /// Largest command accepted in one write.
@@ -25,12 +26,14 @@ pub enum Command {
         speed: Option<u64>,
         offset: Option<u64>,
         length: Option<u64>,
+        idle: Option<Idle>,
     },
     Cancel(String),
     Pause(String),
     Resume(String),
     Speed(String, u64),
     Threshold(String, u64),
+    TotalSpeed(u64),
 }
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T> {
@@ -92,6 +95,7 @@ pub fn parse_command(input: &[u8]) -> Result<Command> {
                 return invalid("'start' needs a NAME before its options");
             }
             let mut cmd = (None, None, None, None);
+            let mut idle = None;
             for opt in opts {
                 let Some((k, v)) = opt.split_once('=') else {
                     return invalid(format!("bad option '{opt}' (expected key=value)"));
@@ -101,6 +105,7 @@ pub fn parse_command(input: &[u8]) -> Result<Command> {
                     "speed" => cmd.1.replace(parse_bytes(v)?).is_some(),
                     "offset" => cmd.2.replace(parse_bytes(v)?).is_some(),
                     "length" => cmd.3.replace(parse_bytes(v)?).is_some(),
+                    "idle" => idle.replace(Idle::parse(v)?).is_some(),
                     _ => return invalid(format!("unknown option '{opt}'")),
                 };
                 if slot_taken {
@@ -116,6 +121,7 @@ pub fn parse_command(input: &[u8]) -> Result<Command> {
                 speed: cmd.1,
                 offset: cmd.2,
                 length: cmd.3,
+                idle,
             })
         }
         "cancel" => Ok(Command::Cancel(one_name(args)?)),
@@ -124,6 +130,10 @@ pub fn parse_command(input: &[u8]) -> Result<Command> {
         "speed" => match args {
             [name, bytes] => Ok(Command::Speed(name.to_string(), parse_bytes(bytes)?)),
             _ => invalid("usage: speed NAME BYTES"),
+        },
+        "total-speed" => match args {
+            [bytes] => Ok(Command::TotalSpeed(parse_bytes(bytes)?)),
+            _ => invalid("usage: total-speed BYTES"),
         },
         "threshold" => match args {
             [name, bytes] => Ok(Command::Threshold(name.to_string(), parse_bytes(bytes)?)),
@@ -142,18 +152,21 @@ pub fn execute(jobs: &Jobs, cmd: Command) -> Result<()> {
             speed,
             offset,
             length,
+            idle,
         } => jobs.start(&StartRequest {
             name,
             base,
             speed,
             offset,
             length,
+            idle,
         }),
         Command::Cancel(name) => jobs.cancel(&name),
         Command::Pause(name) => jobs.pause(&name),
         Command::Resume(name) => jobs.resume(&name),
         Command::Speed(name, bytes) => jobs.set_speed(&name, bytes),
         Command::Threshold(name, bytes) => jobs.set_threshold(&name, bytes),
+        Command::TotalSpeed(bytes) => jobs.set_total_speed(bytes),
     }
 }
 
@@ -161,7 +174,7 @@ pub fn render(lines: &[StatusLine]) -> String {
     let mut out = String::new();
     for l in lines {
         out.push_str(&format!(
-            "{} state={} offset={} len={} copied={} rate={} eta={} speed={} base={} layers={} leaf={} threshold={} alloc={}",
+            "{} state={} offset={} len={} copied={} rate={} eta={} speed={} base={} layers={} leaf={} threshold={} alloc={} waiting={}",
             l.name,
             l.state.as_str(),
             l.offset,
@@ -175,6 +188,7 @@ pub fn render(lines: &[StatusLine]) -> String {
             l.leaf_bytes,
             l.threshold,
             l.alloc,
+            l.waiting.as_str(),
         ));
         if let Some(e) = &l.error {
             out.push_str(" error=");
@@ -273,17 +287,20 @@ mod tests {
                 base: None,
                 speed: None,
                 offset: None,
-                length: None
+                length: None,
+                idle: None
             }
         );
         assert_eq!(
-            parse_command(b"start vm1.raw base=base.qcow2 speed=1M offset=64K length=1G").unwrap(),
+            parse_command(b"start vm1.raw base=base.qcow2 speed=1M offset=64K length=1G idle=disk")
+                .unwrap(),
             Command::Start {
                 name: "vm1.raw".into(),
                 base: Some("base.qcow2".into()),
                 speed: Some(1 << 20),
                 offset: Some(65536),
-                length: Some(1 << 30)
+                length: Some(1 << 30),
+                idle: Some(Idle::Disk)
             }
         );
         assert_eq!(
@@ -301,6 +318,10 @@ mod tests {
         assert_eq!(
             parse_command(b"speed a 0").unwrap(),
             Command::Speed("a".into(), 0)
+        );
+        assert_eq!(
+            parse_command(b"total-speed 200M").unwrap(),
+            Command::TotalSpeed(200 << 20)
         );
         assert_eq!(
             parse_command(b"threshold a 1G").unwrap(),
@@ -326,6 +347,9 @@ mod tests {
             b"speed a",
             b"speed a 1Q",
             b"threshold a",
+            b"start a idle=sometimes",
+            b"total-speed",
+            b"total-speed fast",
             b"threshold a -1",
             b"threshold a 1 2",
             b"start a\nstart b",
@@ -356,6 +380,7 @@ mod tests {
             leaf_bytes: 8192,
             threshold: 0,
             alloc: 196608,
+            waiting: crate::jobs::Waiting::None,
         };
         let text = render(std::slice::from_ref(&line));
         assert!(text.starts_with("vm1.raw state=failed offset=65536 len=1048576 copied=4096 rate=100 eta=3 speed=0 base=- "));

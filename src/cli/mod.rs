@@ -70,6 +70,19 @@ enum Cmd {
         /// FUSE request loops (threads serving requests).
         #[arg(long, default_value_t = 16)]
         threads: usize,
+        /// When stream work may run: host (no guest I/O on any chain of the mount and the
+        /// disks under the images quiet), mount, disk (this chain's guest only) or off.
+        #[arg(long, value_name = "POLICY", value_parser = idle_arg, default_value = "host")]
+        idle: crate::jobs::Idle,
+        /// Guaranteed rate of each job on a host that is never idle (bytes/s).
+        #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "4M")]
+        min_speed: u64,
+        /// Cap on the sum of all jobs' rates (bytes/s; 0 = unlimited).
+        #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0")]
+        total_speed: u64,
+        /// Jobs running at once; more `start`s wait with state=queued (0 = unlimited).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_jobs: usize,
     },
     /// Unmount and wait until the daemon has flushed and exited.
     Umount {
@@ -104,6 +117,9 @@ enum Cmd {
         /// ...for this many bytes (the backing link is then kept).
         #[arg(long, value_name = "BYTES", value_parser = bytes_arg)]
         length: Option<u64>,
+        /// Idle policy for this job (host, mount, disk, off; default: the mount's).
+        #[arg(long, value_name = "POLICY", value_parser = idle_arg)]
+        idle: Option<crate::jobs::Idle>,
         /// Show progress until the job ends; exit non-zero unless it completed.
         #[arg(long)]
         wait: bool,
@@ -147,6 +163,10 @@ enum Cmd {
     },
 }
 
+fn idle_arg(s: &str) -> Result<crate::jobs::Idle, String> {
+    crate::jobs::Idle::parse(s).map_err(|e| e.to_string())
+}
+
 fn bytes_arg(s: &str) -> Result<u64, String> {
     parse_bytes(s).map_err(|e| e.to_string())
 }
@@ -186,6 +206,10 @@ pub fn main() -> i32 {
             speed,
             stream,
             threads,
+            idle,
+            min_speed,
+            total_speed,
+            max_jobs,
         } => {
             if let Err(e) = init_logging(verbose, log_file.as_deref()) {
                 eprintln!("streamfs: {e}");
@@ -211,6 +235,12 @@ pub fn main() -> i32 {
                 threads,
                 speed,
                 stream,
+                policy: crate::jobs::Policy {
+                    idle,
+                    min_speed,
+                    total_speed,
+                    max_jobs,
+                },
             })
         }
         Cmd::Umount {
@@ -232,6 +262,7 @@ pub fn main() -> i32 {
             speed,
             offset,
             length,
+            idle,
             wait,
         } => {
             let mut cmd = format!("start {name}");
@@ -242,6 +273,9 @@ pub fn main() -> i32 {
                 if let Some(v) = v {
                     cmd.push_str(&format!(" {k}={v}"));
                 }
+            }
+            if let Some(i) = idle {
+                cmd.push_str(&format!(" idle={}", i.as_str()));
             }
             let code = send(&mountpoint, &cmd);
             if code != 0 || !wait {

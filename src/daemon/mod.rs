@@ -38,6 +38,8 @@ pub struct MountOptions {
     pub threads: usize,
     pub speed: u64,
     pub stream: bool,
+    /// When streams may run, the total cap, the job queue.
+    pub policy: crate::jobs::Policy,
 }
 
 /// Opens the chains and mounts. Returns the process exit code.
@@ -192,7 +194,7 @@ fn serve(
 ) -> i32 {
     // Every thread spawned from here on inherits the mask; one thread waits for signals.
     let sigset = block_signals();
-    let jobs = Arc::new(Jobs::new(chains, Arc::default(), opts.speed));
+    let jobs = Arc::new(Jobs::new(chains, Arc::default(), opts.speed, opts.policy));
     let io_errors = Arc::new(crate::events::IoErrors::default());
     let fs = StreamFs::new(jobs.clone(), io_errors.clone());
     let mut config = fuser::Config::default();
@@ -230,6 +232,7 @@ fn serve(
                 speed: None,
                 offset: None,
                 length: None,
+                idle: None,
             };
             if let Err(e) = crate::control::execute(&jobs, cmd) {
                 log::error!("{}: cannot start stream: {e}", c.name());

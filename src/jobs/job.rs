@@ -6,11 +6,13 @@
 //! Only then is the backing link rewritten.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::scheduler::{Idle, Scheduler, Waiting};
 use super::state::{next, Event, JobState, Phase};
 use super::throttle::Throttle;
 use super::worker;
@@ -45,11 +47,33 @@ pub(super) struct Inner {
     pub last_flush: Instant,
     /// The chain as the job started; None once ended, so dropped layers get closed.
     pub layers: Option<Arc<Layers>>,
+    /// Place in the scheduler's queue while queued; whether the job holds a slot.
+    pub ticket: Option<u64>,
+    pub held_slot: bool,
+}
+
+/// What a job is asked to do.
+pub struct Spec {
+    pub chain: Arc<Chain>,
+    /// The chain's index in the mount.
+    pub index: usize,
+    pub layers: Arc<Layers>,
+    /// Guest range, cluster aligned.
+    pub range: (u64, u64),
+    pub whole_disk: bool,
+    pub base: Option<usize>,
+    pub speed: u64,
+    pub idle: Idle,
 }
 
 pub struct Job {
     pub chain: Arc<Chain>,
+    pub index: usize,
     bus: Arc<Bus>,
+    pub(super) sched: Arc<Scheduler>,
+    pub idle: Idle,
+    /// What holds the workers back right now (`Waiting` as u8), for status.
+    waiting: AtomicU8,
     /// Guest range being streamed, cluster aligned.
     pub start: u64,
     pub end: u64,
@@ -74,19 +98,25 @@ pub struct Snapshot {
 }
 
 impl Job {
-    pub fn new(
-        chain: Arc<Chain>,
-        bus: Arc<Bus>,
-        layers: Arc<Layers>,
-        (start, end): (u64, u64),
-        whole_disk: bool,
-        base: Option<usize>,
-        speed: u64,
-    ) -> Job {
+    pub fn new(spec: Spec, bus: Arc<Bus>, sched: Arc<Scheduler>) -> Job {
+        let Spec {
+            chain,
+            index,
+            layers,
+            range: (start, end),
+            whole_disk,
+            base,
+            speed,
+            idle,
+        } = spec;
         let base_label = base.map(|b| layers[b].image.path().display().to_string());
         Job {
             chain,
+            index,
             bus,
+            sched,
+            idle,
+            waiting: AtomicU8::new(Waiting::Queued.to_u8()),
             start,
             end,
             whole_disk,
@@ -94,7 +124,7 @@ impl Job {
             base_label,
             throttle: Throttle::new(speed),
             inner: Mutex::new(Inner {
-                phase: Phase::Running,
+                phase: Phase::Queued,
                 announced: false,
                 error: None,
                 // Counted from the start, so a pause sent before the threads run waits
@@ -107,6 +137,8 @@ impl Job {
                 samples: VecDeque::from([(Instant::now(), 0, 0)]),
                 last_flush: Instant::now(),
                 layers: Some(layers),
+                ticket: None,
+                held_slot: false,
             }),
             changed: Condvar::new(),
         }
@@ -231,6 +263,10 @@ impl Job {
         let mut inner = self.inner.lock();
         self.apply(&mut inner, Event::Cancel)
             .map_err(|w| self.refused(w))?;
+        // Cancelled while queued: it gives up its place at once.
+        if let Some(t) = inner.ticket.take() {
+            self.sched.dequeue(t);
+        }
         drop(inner);
         self.throttle.wake();
         self.wait_for(Phase::is_terminal, "cancel")
@@ -362,7 +398,7 @@ impl Job {
     pub fn drive(self: Arc<Self>) {
         let layers = {
             let mut inner = self.inner.lock();
-            while !inner.announced {
+            while !inner.announced || inner.phase == Phase::Queued {
                 self.changed.wait(&mut inner);
             }
             inner.layers.clone()
@@ -370,6 +406,10 @@ impl Job {
         let Some(layers) = layers else {
             return;
         };
+        if self.inner.lock().phase.is_terminal() {
+            // Cancelled while queued: no workers ever ran.
+            return self.finish();
+        }
         let mut handles = Vec::new();
         for w in 0..WORKERS {
             let j = self.clone();
@@ -393,6 +433,56 @@ impl Job {
             }
         }
         self.settle(&layers);
+    }
+
+    /// Queues the job, or starts it if a slot is free (`--max-jobs`).
+    pub fn enqueue(self: &Arc<Self>) {
+        let me = self.clone();
+        let ticket = self.sched.admit(Box::new(move || me.dequeue()));
+        let mut inner = self.inner.lock();
+        if inner.phase == Phase::Queued {
+            inner.ticket = ticket;
+        }
+    }
+
+    /// A slot is ours: go (or give it back if the job was cancelled meanwhile).
+    fn dequeue(&self) {
+        let mut inner = self.inner.lock();
+        inner.ticket = None;
+        if self.apply(&mut inner, Event::Dequeue).is_ok() {
+            inner.held_slot = true;
+            self.sched.track_guests(true);
+            self.set_waiting(Waiting::None);
+        } else {
+            drop(inner);
+            self.sched.release();
+        }
+    }
+
+    pub fn set_waiting(&self, w: Waiting) {
+        self.waiting.store(w.to_u8(), Ordering::Relaxed);
+    }
+
+    pub fn waiting(&self) -> Waiting {
+        match self.inner.lock().phase {
+            Phase::Queued => Waiting::Queued,
+            p if p.is_terminal() || p == Phase::Paused => Waiting::None,
+            _ => Waiting::from_u8(self.waiting.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Copied bytes per second over about the last second (for the minimum speed).
+    pub fn recent_rate(&self) -> u64 {
+        let inner = self.inner.lock();
+        let cutoff = Instant::now() - Duration::from_secs(1);
+        let Some(&(t0, _, c0)) = inner.samples.iter().find(|s| s.0 >= cutoff) else {
+            return 0;
+        };
+        let dt = t0.elapsed().as_secs_f64();
+        if dt < 0.2 {
+            return u64::MAX; // too early to tell: assume on pace
+        }
+        (inner.copied.saturating_sub(c0) as f64 / dt) as u64
     }
 
     /// A worker returned (or could not start): it no longer counts for parking.
@@ -440,12 +530,14 @@ impl Job {
                 );
             }
         }
+        self.finish();
+    }
+
+    /// The end of every job: gives back its slot, publishes its final event.
+    fn finish(&self) {
         let mut inner = self.inner.lock();
         inner.layers = None;
-        self.chain
-            .counters
-            .streams
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let held_slot = std::mem::take(&mut inner.held_slot);
         let state = inner.phase.shown();
         let why = inner.error.as_ref().map(|e| format!(": {e}"));
         log::info!(
@@ -478,6 +570,10 @@ impl Job {
         drop(inner);
         // Published once the state is settled, so a reader woken by it finds it final.
         self.emit(state.as_str(), &kv);
+        if held_slot {
+            self.sched.track_guests(false);
+            self.sched.release();
+        }
     }
 
     /// The proof of completion, then the backing-link rewrite (whole-disk streams).

@@ -8,16 +8,21 @@
 //! - `job`: one job's state under one lock, its commands, and the driver that settles it;
 //! - `worker`: the copy loop;
 //! - `throttle`: the rate limit;
+//! - `scheduler`: when stream work may run (idle policy), the total cap, the queue;
+//! - `host`: the block devices under the images and how busy they are;
 //! - `registry`: the mount's disks and their jobs.
 
+pub mod host;
 mod job;
 mod registry;
+mod scheduler;
 mod state;
 mod throttle;
 mod worker;
 
 pub use self::job::panic_text;
 pub use self::registry::{Jobs, StartRequest, StatusLine};
+pub use self::scheduler::{Idle, Policy, Waiting, DEFAULT_MIN_SPEED};
 pub use self::state::JobState;
 
 /// Errno for cancel/pause/resume/speed when NAME has no active job.

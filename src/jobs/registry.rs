@@ -2,12 +2,12 @@
 //! Commands arrive here by disk name (from `.control`, parsed by `control`).
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::job::Job;
+use super::job::{Job, Spec};
+use super::scheduler::{Idle, Policy, Scheduler, Waiting};
 use super::state::JobState;
 use super::ENOJOB;
 use crate::chain::{Chain, Layer};
@@ -20,6 +20,8 @@ pub struct StartRequest {
     pub name: String,
     pub base: Option<String>,
     pub speed: Option<u64>,
+    /// The idle policy for this job (default: the mount's).
+    pub idle: Option<Idle>,
     pub offset: Option<u64>,
     pub length: Option<u64>,
 }
@@ -40,6 +42,8 @@ pub struct StatusLine {
     /// Images in the chain, and bytes of the disk the leaf defines itself.
     pub layers: usize,
     pub leaf_bytes: u64,
+    /// What holds the job back right now.
+    pub waiting: Waiting,
     /// The armed write threshold (0 = none) and the leaf's allocated end in its file.
     pub threshold: u64,
     pub alloc: u64,
@@ -48,14 +52,16 @@ pub struct StatusLine {
 pub struct Jobs {
     chains: Vec<Arc<Chain>>,
     bus: Arc<Bus>,
+    sched: Arc<Scheduler>,
     slots: Vec<Mutex<Option<Arc<Job>>>>,
     default_speed: u64,
 }
 
 impl Jobs {
-    pub fn new(chains: Vec<Arc<Chain>>, bus: Arc<Bus>, default_speed: u64) -> Jobs {
+    pub fn new(chains: Vec<Arc<Chain>>, bus: Arc<Bus>, default_speed: u64, policy: Policy) -> Jobs {
         let slots = chains.iter().map(|_| Mutex::new(None)).collect();
         Jobs {
+            sched: Arc::new(Scheduler::new(chains.clone(), policy)),
             chains,
             bus,
             slots,
@@ -121,6 +127,15 @@ impl Jobs {
 
     pub fn set_speed(&self, name: &str, bytes: u64) -> Result<()> {
         self.active(name)?.set_speed(bytes);
+        Ok(())
+    }
+
+    /// `total-speed BYTES`: the cap on the sum of every job's rate (0 = none).
+    pub fn set_total_speed(&self, bytes: u64) -> Result<()> {
+        self.sched.total.set_speed(bytes);
+        self.bus
+            .publish("-", "speed", &[("speed", bytes.to_string())]);
+        log::info!("total stream speed {bytes}");
         Ok(())
     }
 
@@ -192,24 +207,24 @@ impl Jobs {
                 format!("a stream job is already active on '{name}'"),
             ));
         }
-        let job = Arc::new(Job::new(
-            chain.clone(),
-            self.bus.clone(),
+        let spec = Spec {
+            chain: chain.clone(),
+            index: i,
             layers,
             range,
             whole_disk,
             base,
             speed,
-        ));
+            idle: req.idle.unwrap_or(self.sched.policy.idle),
+        };
+        let job = Arc::new(Job::new(spec, self.bus.clone(), self.sched.clone()));
         // One driver thread runs the workers and settles the final state, so a failure
         // to start any thread leaves nothing half running.
-        chain.counters.streams.fetch_add(1, Ordering::AcqRel);
         let j = job.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("stream".into())
             .spawn(move || j.drive())
         {
-            chain.counters.streams.fetch_sub(1, Ordering::AcqRel);
             return Err(Error::state(
                 libc::EAGAIN,
                 format!("cannot start the stream thread: {e}"),
@@ -223,6 +238,7 @@ impl Jobs {
         *slot = Some(job.clone());
         drop(slot);
         job.announce();
+        job.enqueue();
         Ok(())
     }
 
@@ -248,6 +264,7 @@ impl Jobs {
                     error: None,
                     layers,
                     leaf_bytes,
+                    waiting: Waiting::None,
                     threshold: chain.threshold(),
                     alloc: chain.alloc(),
                 };
@@ -262,6 +279,7 @@ impl Jobs {
                     line.speed = job.throttle.speed();
                     line.base = job.base_label.clone();
                     line.error = s.error;
+                    line.waiting = job.waiting();
                 }
                 line
             })

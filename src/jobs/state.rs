@@ -6,6 +6,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
     Idle,
+    Queued,
     Running,
     Paused,
     Completed,
@@ -17,6 +18,7 @@ impl JobState {
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Idle => "idle",
+            JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Paused => "paused",
             JobState::Completed => "completed",
@@ -25,7 +27,10 @@ impl JobState {
         }
     }
     pub fn is_active(self) -> bool {
-        matches!(self, JobState::Running | JobState::Paused)
+        matches!(
+            self,
+            JobState::Queued | JobState::Running | JobState::Paused
+        )
     }
 }
 
@@ -33,6 +38,8 @@ impl JobState {
 /// the workers have stopped, and completion only once it has been proven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Accepted, waiting for a slot (`--max-jobs`).
+    Queued,
     /// Workers copying.
     Running,
     /// Pause requested; some workers are still finishing a piece.
@@ -53,6 +60,8 @@ pub enum Phase {
 /// What can happen to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
+    /// A slot became free for a queued job.
+    Dequeue,
     Pause,
     /// The last live worker parked (or ended) while pausing.
     Parked,
@@ -71,6 +80,7 @@ impl Phase {
     /// stopped (pausing), or until the outcome is settled (cancelling, finalizing).
     pub fn shown(self) -> JobState {
         match self {
+            Phase::Queued => JobState::Queued,
             Phase::Running | Phase::Pausing | Phase::Cancelling | Phase::Failing => {
                 JobState::Running
             }
@@ -102,6 +112,10 @@ pub fn next(p: Phase, ev: Event) -> Result<Phase, &'static str> {
     use Event as E;
     use Phase as P;
     Ok(match (p, ev) {
+        (P::Queued, E::Dequeue) => P::Running,
+        // A queued job has no workers: a cancel ends it at once.
+        (P::Queued, E::Cancel) => P::Cancelled,
+        (P::Queued, E::Pause | E::Resume) => return Err("the job is queued"),
         (P::Running, E::Pause) => P::Pausing,
         (P::Pausing | P::Paused, E::Pause) => p,
         (P::Pausing, E::Parked) => P::Paused,
@@ -127,7 +141,8 @@ pub fn next(p: Phase, ev: Event) -> Result<Phase, &'static str> {
 mod tests {
     use super::*;
 
-    const PHASES: [Phase; 9] = [
+    const PHASES: [Phase; 10] = [
+        Phase::Queued,
         Phase::Running,
         Phase::Pausing,
         Phase::Paused,
@@ -138,7 +153,8 @@ mod tests {
         Phase::Cancelled,
         Phase::Failed,
     ];
-    const EVENTS: [Event; 7] = [
+    const EVENTS: [Event; 8] = [
+        Event::Dequeue,
         Event::Pause,
         Event::Parked,
         Event::Resume,
@@ -174,7 +190,7 @@ mod tests {
                 for e in EVENTS {
                     assert!(next(p, e).is_err(), "{p:?} {e:?}");
                 }
-            } else if p != Phase::Finalizing {
+            } else if p != Phase::Finalizing && p != Phase::Queued {
                 assert_eq!(next(p, Event::Error), Ok(Phase::Failing), "{p:?}");
                 assert_eq!(next(Phase::Failing, Event::WorkersEnded), Ok(Phase::Failed));
             }

@@ -3,10 +3,10 @@
 //! copy path (same per-cluster locks as guest I/O), and step back for the guest.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::job::{panic_text, Job};
+use super::scheduler::Waiting;
 use crate::chain::Layers;
 use crate::fault;
 
@@ -16,9 +16,7 @@ const CHUNK_IDLE: u64 = 8 << 20;
 const CHUNK_BUSY: u64 = 256 << 10;
 /// Largest piece copied per rate-limit admission while a speed limit is set.
 const PIECE_THROTTLED: u64 = 1 << 20;
-/// Stream work waits this long after the last guest request before starting a chunk,
-/// but never more than `MAX_YIELD` in a row (so a busy guest cannot starve the stream).
-const GUEST_GRACE: Duration = Duration::from_millis(2);
+/// Stream work never waits for an idle moment longer than this in a row.
 const MAX_YIELD: Duration = Duration::from_millis(20);
 
 /// One worker thread's body. A panic is caught here and fails the job (the panic hook
@@ -43,11 +41,13 @@ fn work(job: &Job, layers: &Layers) -> Result<(), String> {
         if let Some(why) = source.iter().find_map(|l| l.replaced()) {
             return Err(why);
         }
-        let busy = yield_to_guest(job);
+        let guest_busy = yield_to_host(job) == Waiting::Guest;
         let cs = chain.cluster_size();
+        let max = if guest_busy { CHUNK_BUSY } else { CHUNK_IDLE };
         let size = job
             .throttle
-            .quantum(cs, if busy { CHUNK_BUSY } else { CHUNK_IDLE });
+            .quantum(cs, max)
+            .min(job.sched.total.quantum(cs, max));
         let Some((a, b)) = job.claim(size) else {
             return Ok(());
         };
@@ -90,12 +90,29 @@ fn copy_range(job: &Job, layers: &Layers, a: u64, b: u64) -> Result<bool, String
         } else {
             // While throttled, copy in admitted pieces of about 1/8 s (but at least one
             // cluster), so a lower speed or a pause takes effect within one piece.
-            let piece = match job.throttle.speed() {
-                0 => run,
-                _ => run.min(job.throttle.quantum(cs, PIECE_THROTTLED).div_ceil(cs) * cs),
+            let total = &job.sched.total;
+            let piece = match (job.throttle.speed(), total.speed()) {
+                (0, 0) => run,
+                _ => run.min(
+                    job.throttle
+                        .quantum(cs, PIECE_THROTTLED)
+                        .min(total.quantum(cs, PIECE_THROTTLED))
+                        .div_ceil(cs)
+                        * cs,
+                ),
             };
             if !job.throttle.admit(piece, || job.must_stop()) {
                 continue; // paused or stopped while waiting: the gate above decides
+            }
+            // The mount's total cap, shared with every other job that wants it.
+            if total.speed() > 0 {
+                job.set_waiting(Waiting::Total);
+                let admitted = total.admit(piece, || job.must_stop());
+                job.set_waiting(Waiting::None);
+                if !admitted {
+                    job.throttle.refund(piece);
+                    continue;
+                }
             }
             // Test-only `stream-skip-copy`: a worker that claims success without copying,
             // which only the final scan of the leaf can catch.
@@ -105,6 +122,7 @@ fn copy_range(job: &Job, layers: &Layers, a: u64, b: u64) -> Result<bool, String
                     .map_err(|e| format!("at guest offset {pos}: {e}"))?;
             }
             job.throttle.refund(piece.saturating_sub(copied));
+            total.refund(piece.saturating_sub(copied));
             if copied > 0 {
                 job.after_write();
             }
@@ -116,23 +134,26 @@ fn copy_range(job: &Job, layers: &Layers, a: u64, b: u64) -> Result<bool, String
     Ok(true)
 }
 
-/// Waits for a quiet moment in guest I/O (bounded); returns whether the guest is busy.
-fn yield_to_guest(job: &Job) -> bool {
-    let chain = &job.chain;
-    let c = &chain.counters;
+/// Waits (bounded) until the job's idle policy says the disk is free: no guest I/O
+/// (on this chain, or on any of the mount's), and for `host`, nobody else keeping the
+/// disks under the images busy. Never more than `MAX_YIELD` in a row, and not at all
+/// while the job runs below the mount's minimum speed, so a stream on a host that is
+/// never idle still finishes. Returns what was last busy (`None` if nothing was); a
+/// busy guest makes the next chunk small, so its requests wait less for cluster locks.
+fn yield_to_host(job: &Job) -> Waiting {
     let began = Instant::now();
-    let mut busy = false;
+    let mut last = Waiting::None;
     loop {
-        let inflight = c.guest_inflight.load(Ordering::Acquire);
-        let last = c.guest_last_ns.load(Ordering::Relaxed);
-        let since = chain.now_ns().saturating_sub(last);
-        let seen = last != 0;
-        if inflight == 0 && (!seen || since >= GUEST_GRACE.as_nanos() as u64) {
-            return busy || (seen && since < Duration::from_millis(200).as_nanos() as u64);
+        let why = job.sched.holdback(job.index, job.idle);
+        if why == Waiting::None {
+            job.set_waiting(Waiting::None);
+            return last;
         }
-        busy = true;
-        if began.elapsed() >= MAX_YIELD {
-            return true;
+        last = why;
+        job.set_waiting(why);
+        if began.elapsed() >= MAX_YIELD || job.recent_rate() < job.sched.policy.min_speed {
+            job.set_waiting(Waiting::None);
+            return last;
         }
         std::thread::sleep(Duration::from_micros(500));
     }

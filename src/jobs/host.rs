@@ -1,0 +1,200 @@
+//! Is the host's storage busy? The block devices under a file are found from the file
+//! itself (its st_dev in /sys/dev/block, following partitions to their disk, and
+//! device-mapper and loop devices to what they sit on), and their load is read from
+//! /proc/diskstats: sectors moved since the last sample, less what this process itself
+//! moved (/proc/self/io), as far as that can tell ours from anybody else's.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// Samples are at least this far apart (a worker's question is answered from the last).
+const SAMPLE: Duration = Duration::from_millis(50);
+/// Others moving more than this per second on our devices makes the host busy.
+const BUSY_BYTES_PER_SEC: u64 = 2 << 20;
+
+/// The whole-disk devices (names as in /proc/diskstats) that `path`'s data lives on.
+pub fn devices_for(path: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Ok(m) = std::fs::metadata(path) {
+        let dev = if m.file_type().is_block_device_like() {
+            m.rdev()
+        } else {
+            m.dev()
+        };
+        let sys = PathBuf::from(format!(
+            "/sys/dev/block/{}:{}",
+            libc::major(dev),
+            libc::minor(dev)
+        ));
+        walk(&sys, &mut out, 0);
+    }
+    out
+}
+
+trait BlockDeviceLike {
+    fn is_block_device_like(&self) -> bool;
+}
+
+impl BlockDeviceLike for std::fs::FileType {
+    fn is_block_device_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_block_device()
+    }
+}
+
+/// Follows a /sys block device down to the disks it sits on.
+fn walk(sys: &Path, out: &mut BTreeSet<String>, depth: usize) {
+    if depth > 16 {
+        return;
+    }
+    let Ok(real) = std::fs::canonicalize(sys) else {
+        return;
+    };
+    // A partition: its disk is the parent directory.
+    let dev = if real.join("partition").exists() {
+        match real.parent() {
+            Some(p) => p.to_path_buf(),
+            None => return,
+        }
+    } else {
+        real
+    };
+    let Some(name) = dev.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    // Device-mapper (and md): the devices it is built from.
+    let slaves: Vec<PathBuf> = std::fs::read_dir(dev.join("slaves"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    // A loop device: the file behind it, on whatever device that lives.
+    let backing = std::fs::read_to_string(dev.join("loop/backing_file")).ok();
+    out.insert(name);
+    for s in slaves {
+        walk(&s, out, depth + 1);
+    }
+    if let Some(f) = backing {
+        for d in devices_for(Path::new(f.trim())) {
+            out.insert(d);
+        }
+    }
+}
+
+/// Sectors (512 B) read + written per device, from /proc/diskstats text.
+pub fn parse_diskstats(text: &str) -> HashMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let read: u64 = f.get(5)?.parse().ok()?;
+            let written: u64 = f.get(9)?.parse().ok()?;
+            Some((f.get(2)?.to_string(), read + written))
+        })
+        .collect()
+}
+
+/// This process's storage bytes (read_bytes + write_bytes) from /proc/self/io text.
+pub fn parse_self_io(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            matches!(k, "read_bytes" | "write_bytes")
+                .then(|| v.trim().parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+struct Sample {
+    at: Instant,
+    sectors: HashMap<String, u64>,
+    own: u64,
+    /// Bytes per second others moved on each device over the last interval.
+    others: HashMap<String, u64>,
+}
+
+/// The mount's view of its host storage.
+pub struct HostMonitor {
+    last: Mutex<Option<Sample>>,
+}
+
+impl Default for HostMonitor {
+    fn default() -> Self {
+        HostMonitor {
+            last: Mutex::new(None),
+        }
+    }
+}
+
+impl HostMonitor {
+    /// Whether anybody else keeps any of `devices` busy right now.
+    pub fn busy(&self, devices: &BTreeSet<String>) -> bool {
+        if devices.is_empty() {
+            return false;
+        }
+        let mut last = self.last.lock();
+        let stale = last.as_ref().is_none_or(|s| s.at.elapsed() >= SAMPLE);
+        if stale {
+            let (Ok(stats), Ok(io)) = (
+                std::fs::read_to_string("/proc/diskstats"),
+                std::fs::read_to_string("/proc/self/io"),
+            ) else {
+                return false;
+            };
+            let sectors = parse_diskstats(&stats);
+            let own = parse_self_io(&io);
+            let mut others = HashMap::new();
+            if let Some(prev) = last.as_ref() {
+                let secs = prev.at.elapsed().as_secs_f64().max(1e-3);
+                let own_delta = own.saturating_sub(prev.own);
+                for (dev, &now) in &sectors {
+                    let moved = now.saturating_sub(*prev.sectors.get(dev).unwrap_or(&now)) * 512;
+                    // Our own I/O may be on any of our devices: credit it to each.
+                    let theirs = moved.saturating_sub(own_delta);
+                    others.insert(dev.clone(), (theirs as f64 / secs) as u64);
+                }
+            }
+            *last = Some(Sample {
+                at: Instant::now(),
+                sectors,
+                own,
+                others,
+            });
+        }
+        let s = last.as_ref().expect("sampled above");
+        devices
+            .iter()
+            .any(|d| s.others.get(d).is_some_and(|&b| b > BUSY_BYTES_PER_SEC))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diskstats_and_self_io_parse() {
+        let t = "   7       0 loop0 10 0 80 0 5 0 40 0 0 0 0 0 0 0 0 0 0\n 254       0 vda 1 2 300 4 5 6 700 8 0 9 10\n garbage\n";
+        let m = parse_diskstats(t);
+        assert_eq!(m["loop0"], 120);
+        assert_eq!(m["vda"], 1000);
+        assert_eq!(m.len(), 2);
+        let io = "rchar: 1\nwchar: 2\nsyscr: 3\nsyscw: 4\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
+        assert_eq!(parse_self_io(io), 12288);
+    }
+
+    #[test]
+    fn a_file_maps_to_the_disk_under_it() {
+        // The crate's own source lives on some real device here; whatever it is, it is
+        // listed in /proc/diskstats.
+        let devs = devices_for(Path::new(env!("CARGO_MANIFEST_DIR")));
+        let stats = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
+        let known = parse_diskstats(&stats);
+        for d in &devs {
+            assert!(known.contains_key(d), "{d} not in /proc/diskstats");
+        }
+        assert!(devices_for(Path::new("/nonexistent/x")).is_empty());
+    }
+}
