@@ -17,6 +17,21 @@ impl Chain {
         Ok((m != Mapping::Unallocated, run))
     }
 
+    /// Whether a layer above `base` provides anything from `off` on, and for how many
+    /// bytes that answer holds: lets a stream jump over what no layer has without
+    /// touching it cluster by cluster (unallocated L1 ranges answer in one step).
+    pub fn source_run(
+        &self,
+        layers: &Layers,
+        off: u64,
+        len: u64,
+        base: Option<usize>,
+    ) -> Result<(bool, u64)> {
+        let below = base.unwrap_or(layers.len());
+        let (s, n) = chain_status(&layers[..below], 1, off, len)?;
+        Ok((s != Status::Unallocated, n.clamp(1, len.max(1))))
+    }
+
     /// Copies what the leaf lacks in [off, off+len) from the layers above `base` (all
     /// backing layers when None). Returns the bytes newly copied.
     pub fn stream_fill(

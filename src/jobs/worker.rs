@@ -85,9 +85,20 @@ fn copy_range(job: &Job, layers: &Layers, a: u64, b: u64) -> Result<bool, String
             .leaf_run(layers, pos, end - pos)
             .map_err(|e| format!("at guest offset {pos}: {e}"))?;
         let mut copied = 0;
+        // Nothing above the base has this range: nothing to copy, no time to book.
+        let (provided, src_run) = if defined {
+            (true, run)
+        } else {
+            chain
+                .source_run(layers, pos, run, job.base)
+                .map_err(|e| format!("at guest offset {pos}: {e}"))?
+        };
         let run = if defined {
             run
+        } else if !provided {
+            src_run
         } else {
+            let run = src_run;
             // While throttled, copy in admitted pieces of about 1/8 s (but at least one
             // cluster), so a lower speed or a pause takes effect within one piece.
             let total = &job.sched.total;
