@@ -224,3 +224,59 @@ fn policy_options_are_checked() {
     wait_for(&m, "d0.raw", "state", "completed");
     m.umount();
 }
+
+/// Runs a command, panicking with its output on failure; returns stdout.
+fn sh(cmd: &[&str]) -> String {
+    let mut c = std::process::Command::new(cmd[0]);
+    c.args(&cmd[1..]);
+    let out = run_with_timeout(c, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn devices_are_found_through_a_loop_device() {
+    require_fuse!();
+    let s = Scratch::new();
+    let img = s.join("fs.img");
+    File::create(&img).unwrap().set_len(64 * MIB).unwrap();
+    let under = streamfs::jobs::host::devices_for(&img);
+    let loopdev = sh(&["losetup", "-f", "--show", ps(&img)]);
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _detach = Detach(loopdev.clone());
+    sh(&["mkfs.ext4", "-q", "-F", &loopdev]);
+    let dir = s.subdir("loopfs");
+    sh(&["mount", &loopdev, ps(&dir)]);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let f = dir.join("leaf.qcow2");
+    Qcow2::new().size(MIB).create(&f);
+    let devs = streamfs::jobs::host::devices_for(&f);
+    let name = loopdev.trim_start_matches("/dev/").to_string();
+    assert!(devs.contains(&name), "{devs:?} lacks {name}");
+    // ... and what the loop device's backing file sits on.
+    for d in &under {
+        assert!(
+            devs.contains(d),
+            "{devs:?} lacks {d} (under the loop device's file)"
+        );
+    }
+    // A block device given directly maps to itself.
+    assert!(streamfs::jobs::host::devices_for(Path::new(&loopdev)).contains(&name));
+}
