@@ -16,6 +16,8 @@ pub mod compress;
 pub mod header;
 pub mod l2;
 pub mod refcount;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -43,6 +45,8 @@ const DECOMPRESSED_CACHE_BYTES: u64 = 16 << 20;
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Bytes of read-only L2 tables each thread keeps at hand (see `with_l2`).
 const HINT_BYTES: u64 = 8 << 20;
+/// Flush passes `flush_all` makes before it reports that metadata does not settle.
+const MAX_FLUSH_PASSES: usize = 16;
 
 /// Read-only L2 tables by (image id, table offset), per thread.
 #[derive(Default)]
@@ -896,14 +900,28 @@ impl Qcow2 {
     }
 
     /// Flushes until nothing is dirty (releases made by one flush need a second one).
+    /// Fails rather than return with metadata still dirty: the caller (unmount, a
+    /// relink) relies on the image being complete on disk.
     pub fn flush_all(&self) -> Result<()> {
-        for _ in 0..4 {
-            self.flush()?;
+        self.flush_until_clean(|| self.flush())
+    }
+
+    /// Runs `flush` until no metadata is dirty. Without concurrent writers two or three
+    /// passes suffice; writers that keep dirtying metadata make it give up with an error.
+    fn flush_until_clean(&self, mut flush: impl FnMut() -> Result<()>) -> Result<()> {
+        for _ in 0..MAX_FLUSH_PASSES {
+            flush()?;
             if !self.has_dirty_metadata() {
-                break;
+                return Ok(());
             }
         }
-        Ok(())
+        Err(Error::state(
+            libc::EBUSY,
+            format!(
+                "{}: metadata still dirty after {MAX_FLUSH_PASSES} flushes (writes kept coming)",
+                self.path.display()
+            ),
+        ))
     }
 
     fn take_snapshot(&self) -> Result<Snapshot> {
