@@ -81,28 +81,48 @@ thread_local! {
 static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct L2Table {
-    words: RwLock<Vec<u64>>,
+    words: Words,
     /// Changed since it was last written (only meaningful while pinned).
     dirty: AtomicBool,
 }
 
+/// A table's entries. A read-only image's tables are never changed, so they are plain
+/// immutable slices that any thread may keep and read without a lock.
+enum Words {
+    Frozen(Box<[u64]>),
+    Live(RwLock<Vec<u64>>),
+}
+
 impl L2Table {
-    fn from_bytes(b: &[u8]) -> Self {
+    fn from_bytes(b: &[u8], frozen: bool) -> Self {
         let words = b
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")));
         L2Table {
-            words: RwLock::new(words),
+            words: if frozen {
+                Words::Frozen(words.collect())
+            } else {
+                Words::Live(RwLock::new(words.collect()))
+            },
             dirty: AtomicBool::new(false),
         }
     }
+    /// Runs `f` on the entries (under a shared lock unless the table is frozen).
+    fn read<R>(&self, f: impl FnOnce(&[u64]) -> R) -> R {
+        match &self.words {
+            Words::Frozen(w) => f(w),
+            Words::Live(w) => f(&w.read()),
+        }
+    }
+    /// The entries for modification; None for a read-only image's table.
+    fn live(&self) -> Option<&RwLock<Vec<u64>>> {
+        match &self.words {
+            Words::Frozen(_) => None,
+            Words::Live(w) => Some(w),
+        }
+    }
     fn to_bytes(&self) -> Vec<u8> {
-        self.words
-            .read()
-            .iter()
-            .flat_map(|w| w.to_be_bytes())
-            .collect()
+        self.read(|w| w.iter().flat_map(|w| w.to_be_bytes()).collect())
     }
 }
 
@@ -388,7 +408,7 @@ impl Qcow2 {
         }
         let mut buf = vec![0u8; self.geo.cluster_size() as usize];
         pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
-        let table = Arc::new(L2Table::from_bytes(&buf));
+        let table = Arc::new(L2Table::from_bytes(&buf, !self.writable));
         let m = self.meta.lock();
         if let Some(t) = self.cached_l2(&m, off) {
             return Ok(t);
@@ -411,9 +431,7 @@ impl Qcow2 {
     /// cache lines (cache lock, Arc counts, table locks) were most of its cost.
     fn with_l2<R>(&self, off: u64, f: impl FnOnce(&[u64]) -> Result<R>) -> Result<R> {
         if self.writable {
-            let table = self.l2_table(off)?;
-            let words = table.words.read();
-            return f(&words);
+            return self.l2_table(off)?.read(f);
         }
         L2_HINTS.with(|hints| {
             let mut hints = hints.borrow_mut();
@@ -429,12 +447,8 @@ impl Qcow2 {
                 hints.bytes += cs;
                 hints.tables.insert(key, table);
             }
-            let table = &hints.tables[&key];
-            // SAFETY: this image is read-only: `set_clusters` (the only writer of table
-            // entries) fails on it before touching a table, so no write lock is ever
-            // taken and a shared reference to the entries cannot alias a mutation.
-            let words = unsafe { &*table.words.data_ptr() };
-            f(words)
+            // Frozen (read-only image): no lock, no shared counter touched.
+            hints.tables[&key].read(f)
         })
     }
 
@@ -445,9 +459,8 @@ impl Qcow2 {
         if l2off == 0 {
             return Ok(ClusterState::Unallocated);
         }
-        let t = self.l2_table(l2off)?;
-        let words = t.words.read();
-        self.decode(&words, (ci % l2e) as usize)
+        self.l2_table(l2off)?
+            .read(|words| self.decode(words, (ci % l2e) as usize))
     }
 
     /// Maps guest range [off, off+len) (inside the disk): returns how the first part is
@@ -669,13 +682,14 @@ impl Qcow2 {
         // Pass 2: entries (memory only).
         let w = self.geo.words();
         let mut t = 0;
-        let mut words = tables[0].words.write();
+        // check_writable passed: this image's tables are all live.
+        let mut words = tables[0].live().expect("writable image").write();
         for (i, st) in states.iter().enumerate() {
             let ci = first + i as u64;
             if i > 0 && ci.is_multiple_of(l2e) {
                 drop(words);
                 t += 1;
-                words = tables[t].words.write();
+                words = tables[t].live().expect("writable image").write();
             }
             let idx = (ci % l2e) as usize * w;
             let old = self
@@ -738,11 +752,11 @@ impl Qcow2 {
             if off == 0 {
                 continue;
             }
-            let t = self.l2_table(off)?;
-            let words = t.words.read();
-            for idx in 0..l2e as usize {
-                total += self.defined_in(self.decode(&words, idx)?);
-            }
+            total += self.l2_table(off)?.read(|words| {
+                (0..l2e as usize).try_fold(0, |sum, idx| {
+                    Ok::<_, Error>(sum + self.defined_in(self.decode(words, idx)?))
+                })
+            })?;
         }
         let mut d = self.defined.lock();
         // set_clusters may have run meanwhile without a counter; a rescan would be exact,
@@ -788,7 +802,7 @@ impl Qcow2 {
             refs.adjust(new_off / cs, 1, &mut io)?;
             // Cached before the L1 entry is published, so a reader that sees the new
             // entry finds this table rather than loading its (zeroed) cluster.
-            let t = Arc::new(L2Table::from_bytes(&vec![0u8; cs as usize]));
+            let t = Arc::new(L2Table::from_bytes(&vec![0u8; cs as usize], false));
             m.pinned.insert(new_off, t.clone());
             self.l2_cache.write().put(new_off, t.clone());
             self.l1[l1i as usize].store(new_off | COPIED, Ordering::Release);
@@ -800,7 +814,7 @@ impl Qcow2 {
             // Rare: evicted between the caller's lookup and now.
             let mut buf = vec![0u8; cs as usize];
             pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
-            Arc::new(L2Table::from_bytes(&buf))
+            Arc::new(L2Table::from_bytes(&buf, false))
         };
         m.pinned.entry(off).or_insert_with(|| table.clone());
         let mut cache = self.l2_cache.write();

@@ -28,6 +28,11 @@ fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     p
 }
 
+fn qemu_io(image: &Path, cmd: &str) {
+    let ps = image.to_str().expect("utf-8 path");
+    run("qemu-io", &["-f", "qcow2", "-c", cmd, ps]);
+}
+
 /// Marks metadata dirty without changing anything on disk (the L1 entry is rewritten as is).
 fn touch(q: &Qcow2) {
     q.meta.lock().l1_dirty.insert(0);
@@ -68,4 +73,21 @@ fn flush_all_reports_metadata_that_never_settles() {
         .unwrap_err();
     assert_eq!(err.errno(), libc::EBUSY, "{err}");
     assert!(err.to_string().contains("still dirty"), "{err}");
+}
+
+#[test]
+fn read_only_tables_are_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
+    qemu_io(&p, "write -P 0x11 0 64k");
+    let ro = Qcow2::open(&p, false).unwrap();
+    let rw = Qcow2::open(&p, true).unwrap();
+    let off = ro.l2_offset(0).unwrap();
+    assert!(ro.l2_table(off).unwrap().live().is_none());
+    assert!(rw.l2_table(off).unwrap().live().is_some());
+    // Lookups through the per-thread tables see the same as the shared cache.
+    for _ in 0..2 {
+        assert!(matches!(ro.map(0, 65536).unwrap().0, Mapping::Data { .. }));
+        assert_eq!(ro.map(65536, 65536).unwrap(), (Mapping::Unallocated, 65536));
+    }
 }
