@@ -41,7 +41,7 @@ impl Chain {
         len: u64,
         base: Option<usize>,
     ) -> Result<u64> {
-        self.populate(layers, off, len, None, base)
+        self.copy_in(layers, off, len, super::Purpose::Stream { base })
     }
 
     /// The first guest offset in [start, end) that a layer above `base` still provides

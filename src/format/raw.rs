@@ -56,8 +56,13 @@ impl RawImage {
         pwrite_all(&self.file, &self.path, buf, off, "guest data")
     }
 
-    /// Zeroes a range by punching a hole (the file keeps its size).
+    /// Zeroes a range by punching a hole (the file keeps its size). Zeros are written
+    /// instead only where the file system cannot punch holes; any other failure (a full
+    /// disk, an I/O error) is reported, not papered over with a write that may fail later.
     pub fn zero(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(()); // fallocate rejects an empty range with EINVAL
+        }
         // SAFETY: fallocate on our own fd; no memory is passed.
         let r = unsafe {
             libc::fallocate(
@@ -70,7 +75,14 @@ impl RawImage {
         if r == 0 {
             return Ok(());
         }
-        // Not supported by the host file system: write zeros instead.
+        let err = std::io::Error::last_os_error();
+        if !punch_unsupported(err.raw_os_error()) {
+            return Err(Error::io(
+                &self.path,
+                format!("punching a hole of {len} bytes at offset {off}"),
+                err,
+            ));
+        }
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut at = off;
         while at < off + len {
@@ -99,5 +111,57 @@ impl RawImage {
             Some(d) => Ok((false, (d - off).min(len))),
             None => Ok((false, len)),
         }
+    }
+}
+
+/// Whether a failed hole punch means "this file system cannot do it" (write zeros
+/// instead). EINVAL is that too: the range was checked non-empty, so it is the mode.
+fn punch_unsupported(errno: Option<i32>) -> bool {
+    matches!(errno, Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unsupported_hole_punches_fall_back_to_zeros() {
+        for e in [libc::EOPNOTSUPP, libc::ENOSYS, libc::EINVAL] {
+            assert!(punch_unsupported(Some(e)), "errno {e}");
+        }
+        for e in [
+            libc::ENOSPC,
+            libc::EIO,
+            libc::EBADF,
+            libc::ENODEV,
+            libc::EPERM,
+        ] {
+            assert!(!punch_unsupported(Some(e)), "errno {e}");
+        }
+    }
+
+    #[test]
+    fn zero_reports_a_failed_hole_punch() {
+        // /dev/null accepts writes but not fallocate (ENODEV): falling back to writing
+        // zeros would report success for a range that was never punched.
+        let null = RawImage::open(Path::new("/dev/null"), true).unwrap();
+        let err = null.zero(0, 4096).unwrap_err();
+        assert!(err.to_string().contains("punching a hole"), "{err}");
+        assert!(null.zero(0, 0).is_ok());
+    }
+
+    #[test]
+    fn zero_punches_a_hole_in_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0xaau8; 1 << 20]).unwrap();
+        let img = RawImage::open(&path, true).unwrap();
+        img.zero(4096, 8192).unwrap();
+        let mut buf = vec![0u8; 16384];
+        img.read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0xaa));
+        assert!(buf[4096..12288].iter().all(|&b| b == 0));
+        assert!(buf[12288..].iter().all(|&b| b == 0xaa));
+        assert_eq!(img.size(), 1 << 20);
     }
 }

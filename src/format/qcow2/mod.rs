@@ -2,10 +2,13 @@
 //! L2 tables), reading data and compressed clusters, and (for a writable leaf) cluster
 //! allocation, refcounting and the ordered flush that keeps the file consistent on disk.
 //!
-//! Concurrency: one short mutex (`meta`) guards the in-memory metadata; it is never held
-//! across data I/O. L2 tables are shared `Arc`s with their own RwLock so lookups read
-//! entries without the metadata lock. Callers (the chain layer) serialize changes to a
-//! guest cluster with cluster locks; this module serializes the metadata itself.
+//! Concurrency: one short mutex (`meta`) guards the in-memory metadata; it is not held
+//! across I/O: changes are planned under it, their data, table and refcount-block reads
+//! and metadata zeroing happen without it, and the commit re-checks under it (`fill`).
+//! L2 tables are shared `Arc`s with their own RwLock (frozen slices for a read-only
+//! image) so lookups read entries without the metadata lock. Callers (the chain layer)
+//! serialize changes to a guest cluster with cluster locks; this module serializes the
+//! metadata itself.
 //!
 //! Allocation only ever bumps the end of the file: a cluster whose refcount dropped to
 //! zero is never reused while we run, so a reader holding an old mapping can never see
@@ -13,9 +16,12 @@
 //! durable.
 
 pub mod compress;
+mod fill;
 pub mod header;
 pub mod l2;
 pub mod refcount;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -29,8 +35,9 @@ use std::sync::Arc;
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 
+pub use self::fill::{Batch, ClusterOp};
 use self::header::{Compression, Header, HeaderError};
-use self::l2::{decode_l1, ClusterState, Geometry, SubState, COPIED};
+use self::l2::{decode_l1, ClusterState, Geometry, SubState};
 use self::refcount::{RefIo, RefSnapshot, Refcounts};
 use super::io::{fdatasync, file_len, pread_exact, pread_zero_tail, pwrite_all, vanished};
 use super::Mapping;
@@ -43,6 +50,8 @@ const DECOMPRESSED_CACHE_BYTES: u64 = 16 << 20;
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Bytes of read-only L2 tables each thread keeps at hand (see `with_l2`).
 const HINT_BYTES: u64 = 8 << 20;
+/// Flush passes `flush_all` makes before it reports that metadata does not settle.
+const MAX_FLUSH_PASSES: usize = 16;
 
 /// Read-only L2 tables by (image id, table offset), per thread.
 #[derive(Default)]
@@ -77,38 +86,49 @@ thread_local! {
 static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct L2Table {
-    words: RwLock<Vec<u64>>,
+    words: Words,
     /// Changed since it was last written (only meaningful while pinned).
     dirty: AtomicBool,
 }
 
+/// A table's entries. A read-only image's tables are never changed, so they are plain
+/// immutable slices that any thread may keep and read without a lock.
+enum Words {
+    Frozen(Box<[u64]>),
+    Live(RwLock<Vec<u64>>),
+}
+
 impl L2Table {
-    fn from_bytes(b: &[u8]) -> Self {
+    fn from_bytes(b: &[u8], frozen: bool) -> Self {
         let words = b
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")));
         L2Table {
-            words: RwLock::new(words),
+            words: if frozen {
+                Words::Frozen(words.collect())
+            } else {
+                Words::Live(RwLock::new(words.collect()))
+            },
             dirty: AtomicBool::new(false),
         }
     }
-    fn to_bytes(&self) -> Vec<u8> {
-        self.words
-            .read()
-            .iter()
-            .flat_map(|w| w.to_be_bytes())
-            .collect()
+    /// Runs `f` on the entries (under a shared lock unless the table is frozen).
+    fn read<R>(&self, f: impl FnOnce(&[u64]) -> R) -> R {
+        match &self.words {
+            Words::Frozen(w) => f(w),
+            Words::Live(w) => f(&w.read()),
+        }
     }
-}
-
-/// The new state of a guest cluster, installed by `set_clusters`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NewCluster {
-    /// All data at `host`; `fresh` = newly allocated by `allocate` (gets its refcount now).
-    Data { host: u64, fresh: bool },
-    /// Reads as zeros (v3 only); an existing preallocated host cluster is kept.
-    Zero,
+    /// The entries for modification; None for a read-only image's table.
+    fn live(&self) -> Option<&RwLock<Vec<u64>>> {
+        match &self.words {
+            Words::Frozen(_) => None,
+            Words::Live(w) => Some(w),
+        }
+    }
+    fn to_bytes(&self) -> Vec<u8> {
+        self.read(|w| w.iter().flat_map(|w| w.to_be_bytes()).collect())
+    }
 }
 
 struct Meta {
@@ -116,10 +136,20 @@ struct Meta {
     /// Dirty L2 tables (and ones being written): never evicted; the authoritative copy
     /// whenever present.
     pinned: HashMap<u64, Arc<L2Table>>,
+    /// Bumped whenever a flush takes L2 tables to write: a table read from disk outside
+    /// the lock is trusted only if no flush started meanwhile (see `l2_table`).
+    l2_gen: u64,
     refs: Option<Refcounts>,
-    next_free: u64,
+    space: Space,
     /// Host clusters losing a reference; applied once the L2 change is durable.
     pending_decref: Vec<u64>,
+}
+
+/// Host space: the end of the used area, and metadata clusters already zeroed (space
+/// reserved) outside the lock for the next commits to take (see `fill::reserve_spare`).
+struct Space {
+    next_free: u64,
+    spare: Vec<u64>,
 }
 
 /// Everything one flush writes, captured under the metadata lock.
@@ -154,6 +184,11 @@ pub struct Qcow2 {
     /// a table with a different copy of it.
     l2_cache: RwLock<LruCache<u64, Arc<L2Table>>>,
     meta: Mutex<Meta>,
+    /// Serializes loading the refcounts (done outside `meta`: it reads the table and
+    /// scans blocks from the end of the file).
+    refs_init: Mutex<()>,
+    /// `meta.refs` is loaded (it never goes away again): spares writes a lock round trip.
+    refs_loaded: AtomicBool,
     flush_lock: Mutex<()>,
     decompressed: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
     /// Data was written since the last fdatasync.
@@ -167,7 +202,7 @@ struct FileRefIo<'a> {
     file: &'a File,
     path: &'a Path,
     cluster_size: u64,
-    next_free: &'a mut u64,
+    space: &'a mut Space,
 }
 
 impl RefIo for FileRefIo<'_> {
@@ -177,9 +212,15 @@ impl RefIo for FileRefIo<'_> {
         Ok(b)
     }
     fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        let off = bump(self.next_free, n, self.cluster_size)?;
-        // Metadata clusters get their space now, so a full disk fails here, before
-        // anything points at them, and never in the middle of a flush.
+        if n == 1 {
+            if let Some(off) = self.space.spare.pop() {
+                return Ok(off);
+            }
+        }
+        // Rare (the commit's estimate fell short, or the refcount table grows): zero
+        // under the lock. Metadata clusters get their space now, so a full disk fails
+        // here, before anything points at them, and never in the middle of a flush.
+        let off = bump(&mut self.space.next_free, n, self.cluster_size)?;
         let zeros = vec![0u8; (n * self.cluster_size) as usize];
         pwrite_all(self.file, self.path, &zeros, off, "new metadata cluster")?;
         Ok(off)
@@ -293,10 +334,16 @@ impl Qcow2 {
             meta: Mutex::new(Meta {
                 l1_dirty: BTreeSet::new(),
                 pinned: HashMap::new(),
+                l2_gen: 0,
                 refs: None,
-                next_free: len.div_ceil(cs) * cs,
+                space: Space {
+                    next_free: len.div_ceil(cs) * cs,
+                    spare: Vec::new(),
+                },
                 pending_decref: Vec::new(),
             }),
+            refs_init: Mutex::new(()),
+            refs_loaded: AtomicBool::new(false),
             header: Mutex::new(header.clone()),
             flush_lock: Mutex::new(()),
             decompressed: Mutex::new(LruCache::new(NonZeroUsize::new(dc_cap).expect("nonzero"))),
@@ -328,7 +375,7 @@ impl Qcow2 {
     }
     /// End of the highest allocated cluster (allocation only ever bumps it).
     pub fn alloc_end(&self) -> u64 {
-        self.meta.lock().next_free
+        self.meta.lock().space.next_free
     }
     pub fn is_writable(&self) -> bool {
         self.writable
@@ -345,13 +392,13 @@ impl Qcow2 {
         Error::corrupt(&self.path, msg)
     }
 
-    /// The refcount logic's access to this file, allocating from `next_free`.
-    fn ref_io<'a>(&'a self, next_free: &'a mut u64) -> FileRefIo<'a> {
+    /// The refcount logic's access to this file, allocating from `space`.
+    fn ref_io<'a>(&'a self, space: &'a mut Space) -> FileRefIo<'a> {
         FileRefIo {
             file: &self.file,
             path: &self.path,
             cluster_size: self.geo.cluster_size(),
-            next_free,
+            space,
         }
     }
 
@@ -379,22 +426,34 @@ impl Qcow2 {
     /// The L2 table at `off`, from the cache or the file. Hits take no exclusive lock;
     /// the disk read happens without the metadata lock, and if another thread inserted
     /// the table meanwhile, theirs wins (it may already hold changes).
+    ///
+    /// A table that is neither cached nor pinned is clean, so the file holds its current
+    /// contents; the copy read is stale only if, during the read, someone loaded, changed
+    /// and flushed it and it was evicted again. `l2_gen` catches that: read again.
     fn l2_table(&self, off: u64) -> Result<Arc<L2Table>> {
         if let Some(t) = self.l2_cache.read().peek(&off) {
             return Ok(t.clone());
         }
-        if let Some(t) = self.cached_l2(&self.meta.lock(), off) {
-            return Ok(t);
+        loop {
+            let gen = {
+                let m = self.meta.lock();
+                if let Some(t) = self.cached_l2(&m, off) {
+                    return Ok(t);
+                }
+                m.l2_gen
+            };
+            let mut buf = vec![0u8; self.geo.cluster_size() as usize];
+            pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
+            let table = Arc::new(L2Table::from_bytes(&buf, !self.writable));
+            let m = self.meta.lock();
+            if let Some(t) = self.cached_l2(&m, off) {
+                return Ok(t);
+            }
+            if m.l2_gen == gen {
+                self.l2_cache.write().put(off, table.clone());
+                return Ok(table);
+            }
         }
-        let mut buf = vec![0u8; self.geo.cluster_size() as usize];
-        pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
-        let table = Arc::new(L2Table::from_bytes(&buf));
-        let m = self.meta.lock();
-        if let Some(t) = self.cached_l2(&m, off) {
-            return Ok(t);
-        }
-        self.l2_cache.write().put(off, table.clone());
-        Ok(table)
     }
 
     fn decode(&self, words: &[u64], idx: usize) -> Result<ClusterState> {
@@ -411,9 +470,7 @@ impl Qcow2 {
     /// cache lines (cache lock, Arc counts, table locks) were most of its cost.
     fn with_l2<R>(&self, off: u64, f: impl FnOnce(&[u64]) -> Result<R>) -> Result<R> {
         if self.writable {
-            let table = self.l2_table(off)?;
-            let words = table.words.read();
-            return f(&words);
+            return self.l2_table(off)?.read(f);
         }
         L2_HINTS.with(|hints| {
             let mut hints = hints.borrow_mut();
@@ -429,12 +486,8 @@ impl Qcow2 {
                 hints.bytes += cs;
                 hints.tables.insert(key, table);
             }
-            let table = &hints.tables[&key];
-            // SAFETY: this image is read-only: `set_clusters` (the only writer of table
-            // entries) fails on it before touching a table, so no write lock is ever
-            // taken and a shared reference to the entries cannot alias a mutation.
-            let words = unsafe { &*table.words.data_ptr() };
-            f(words)
+            // Frozen (read-only image): no lock, no shared counter touched.
+            hints.tables[&key].read(f)
         })
     }
 
@@ -445,9 +498,8 @@ impl Qcow2 {
         if l2off == 0 {
             return Ok(ClusterState::Unallocated);
         }
-        let t = self.l2_table(l2off)?;
-        let words = t.words.read();
-        self.decode(&words, (ci % l2e) as usize)
+        self.l2_table(l2off)?
+            .read(|words| self.decode(words, (ci % l2e) as usize))
     }
 
     /// Maps guest range [off, off+len) (inside the disk): returns how the first part is
@@ -564,11 +616,17 @@ impl Qcow2 {
         }
     }
 
-    /// Loads the refcount table on first use and finds the end of the used area.
-    fn ensure_refs(&self, m: &mut Meta) -> Result<()> {
-        if m.refs.is_some() {
+    /// Loads the refcount table on first use and finds the end of the used area. The
+    /// reads and the scan happen outside the metadata lock (lookups go on meanwhile).
+    fn load_refs(&self) -> Result<()> {
+        if self.refs_loaded.load(Ordering::Acquire) {
             return Ok(());
         }
+        let _init = self.refs_init.lock();
+        if self.refs_loaded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Stable while refs are not loaded: only a flush of loaded refs changes them.
         let h = self.header.lock().clone();
         let cs = self.geo.cluster_size();
         let mut bytes = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
@@ -590,22 +648,29 @@ impl Qcow2 {
             h.refcount_table_offset,
             h.refcount_table_clusters as u64,
         );
-        let mut io = self.ref_io(&mut m.next_free);
-        if let Some(last) = refs.last_used_cluster(&mut io)? {
-            *io.next_free = (*io.next_free).max((last + 1) * cs);
+        // The scan only loads blocks; nothing is allocated from this scratch space.
+        let mut scratch = Space {
+            next_free: 0,
+            spare: Vec::new(),
+        };
+        let last = refs.last_used_cluster(&mut self.ref_io(&mut scratch))?;
+        let mut m = self.meta.lock();
+        if let Some(last) = last {
+            m.space.next_free = m.space.next_free.max((last + 1) * cs);
         }
         m.refs = Some(refs);
+        self.refs_loaded.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Reserves `n` contiguous fresh clusters at the end of the file for guest data.
-    /// Their refcounts are set by `set_clusters` once the data is written, so a failed
-    /// data write leaves nothing but unreferenced space.
-    pub fn allocate(&self, n: u64) -> Result<u64> {
+    /// Their refcounts are set when the clusters are committed, so a failed data write
+    /// leaves nothing but unreferenced space.
+    fn allocate(&self, n: u64) -> Result<u64> {
         self.check_writable()?;
+        self.load_refs()?;
         let mut m = self.meta.lock();
-        self.ensure_refs(&mut m)?;
-        bump(&mut m.next_free, n, self.geo.cluster_size())
+        bump(&mut m.space.next_free, n, self.geo.cluster_size())
     }
 
     /// Writes guest data at `host`. Refuses (as QEMU's overlap check does) a write that
@@ -629,7 +694,7 @@ impl Qcow2 {
 
     /// Asks the kernel to start writing [host, host+len) to disk now, without waiting
     /// (a hint: errors are ignored, a later fdatasync reports them).
-    pub fn start_writeback(&self, host: u64, len: u64) {
+    fn start_writeback(&self, host: u64, len: u64) {
         // SAFETY: sync_file_range on our own fd; no memory is passed.
         unsafe {
             libc::sync_file_range(
@@ -639,78 +704,6 @@ impl Qcow2 {
                 libc::SYNC_FILE_RANGE_WRITE,
             );
         }
-    }
-
-    /// Installs new states for guest clusters `first..first+states.len()`. The caller
-    /// holds the cluster locks and has already written (not synced) any data. New
-    /// refcounts and L2 tables are taken first, so a full disk fails before any entry
-    /// changes; old compressed or replaced clusters are released after the next flush.
-    pub fn set_clusters(&self, first: u64, states: &[NewCluster]) -> Result<()> {
-        self.check_writable()?;
-        let cs = self.geo.cluster_size();
-        let l2e = self.geo.l2_entries();
-        let mut guard = self.meta.lock();
-        let m = &mut *guard;
-        self.ensure_refs(m)?;
-
-        // Pass 1: everything that can fail (allocation, refcounts, loading tables).
-        let mut tables = Vec::new();
-        for (i, st) in states.iter().enumerate() {
-            let ci = first + i as u64;
-            if i == 0 || ci.is_multiple_of(l2e) {
-                tables.push(self.l2_for_update(m, ci / l2e)?);
-            }
-            if let NewCluster::Data { host, fresh: true } = *st {
-                let refs = m.refs.as_mut().expect("loaded");
-                let mut io = self.ref_io(&mut m.next_free);
-                refs.adjust(host / cs, 1, &mut io)?;
-            }
-        }
-        // Pass 2: entries (memory only).
-        let w = self.geo.words();
-        let mut t = 0;
-        let mut words = tables[0].words.write();
-        for (i, st) in states.iter().enumerate() {
-            let ci = first + i as u64;
-            if i > 0 && ci.is_multiple_of(l2e) {
-                drop(words);
-                t += 1;
-                words = tables[t].words.write();
-            }
-            let idx = (ci % l2e) as usize * w;
-            let old = self
-                .geo
-                .decode(words[idx], if w == 2 { words[idx + 1] } else { 0 })
-                .map_err(|msg| self.corrupt(msg))?;
-            let (word, bitmap) = match *st {
-                NewCluster::Data { host, .. } => {
-                    if old.host() != host {
-                        self.release(m, old);
-                    }
-                    self.geo.encode_data(host)
-                }
-                NewCluster::Zero => match old {
-                    ClusterState::Compressed { .. } => {
-                        self.release(m, old);
-                        self.geo.encode_zero(0)
-                    }
-                    ClusterState::Unallocated => self.geo.encode_zero(0),
-                    _ => self.geo.encode_zero(old.host()),
-                },
-            };
-            words[idx] = word;
-            if w == 2 {
-                words[idx + 1] = bitmap;
-            }
-            if let Some(d) = self.defined.lock().as_mut() {
-                *d += cs - self.defined_in(old);
-            }
-        }
-        drop(words);
-        for table in tables {
-            table.dirty.store(true, Ordering::Release);
-        }
-        Ok(())
     }
 
     /// Bytes of one cluster that a state defines (all of them unless subclusters fall through).
@@ -725,7 +718,7 @@ impl Qcow2 {
     }
 
     /// Guest bytes defined by this image itself (counted once by scanning the L2 tables,
-    /// then kept up to date by `set_clusters`). The last cluster may overhang the disk.
+    /// then kept up to date by commits). The last cluster may overhang the disk.
     pub fn defined_bytes(&self) -> Result<u64> {
         if let Some(d) = *self.defined.lock() {
             return Ok(d.min(self.size));
@@ -738,76 +731,30 @@ impl Qcow2 {
             if off == 0 {
                 continue;
             }
-            let t = self.l2_table(off)?;
-            let words = t.words.read();
-            for idx in 0..l2e as usize {
-                total += self.defined_in(self.decode(&words, idx)?);
-            }
+            total += self.l2_table(off)?.read(|words| {
+                (0..l2e as usize).try_fold(0, |sum, idx| {
+                    Ok::<_, Error>(sum + self.defined_in(self.decode(words, idx)?))
+                })
+            })?;
         }
         let mut d = self.defined.lock();
-        // set_clusters may have run meanwhile without a counter; a rescan would be exact,
+        // A commit may have run meanwhile without a counter; a rescan would be exact,
         // but the difference is at most what changed during the scan.
         *d = Some(total);
         Ok(total.min(self.size))
     }
 
     /// Queues the references an old cluster state held for release after the next flush.
-    fn release(&self, m: &mut Meta, old: ClusterState) {
+    fn release(&self, pending: &mut Vec<u64>, old: ClusterState) {
+        let cs = self.geo.cluster_size();
         match old {
-            ClusterState::Compressed { host, len } => m.pending_decref.extend(
-                self.geo
-                    .compressed_clusters(host, len)
-                    .map(|h| h / self.geo.cluster_size()),
-            ),
+            ClusterState::Compressed { host, len } => {
+                pending.extend(self.geo.compressed_clusters(host, len).map(|h| h / cs))
+            }
             ClusterState::Unallocated => {}
-            s if s.host() != 0 => m.pending_decref.push(s.host() / self.geo.cluster_size()),
+            s if s.host() != 0 => pending.push(s.host() / cs),
             _ => {}
         }
-    }
-
-    /// The L2 table for L1 index `l1i`, pinned for modification; allocates a new table
-    /// if there is none. Must be called with the metadata lock held (`m`).
-    fn l2_for_update(&self, m: &mut Meta, l1i: u64) -> Result<Arc<L2Table>> {
-        let cs = self.geo.cluster_size();
-        let entry = self
-            .l1
-            .get(l1i as usize)
-            .ok_or_else(|| self.corrupt(format!("L1 index {l1i} beyond the L1 table")))?
-            .load(Ordering::Acquire);
-        let off = decode_l1(entry, cs).map_err(|msg| self.corrupt(msg))?;
-        if off != 0 && entry & COPIED == 0 {
-            return Err(Error::unsupported(
-                &self.path,
-                "shared L2 table (refcount > 1)",
-            ));
-        }
-        let table = if off == 0 {
-            let refs = m.refs.as_mut().expect("loaded");
-            let mut io = self.ref_io(&mut m.next_free);
-            let new_off = io.alloc_clusters(1)?;
-            refs.adjust(new_off / cs, 1, &mut io)?;
-            // Cached before the L1 entry is published, so a reader that sees the new
-            // entry finds this table rather than loading its (zeroed) cluster.
-            let t = Arc::new(L2Table::from_bytes(&vec![0u8; cs as usize]));
-            m.pinned.insert(new_off, t.clone());
-            self.l2_cache.write().put(new_off, t.clone());
-            self.l1[l1i as usize].store(new_off | COPIED, Ordering::Release);
-            m.l1_dirty.insert(l1i as usize);
-            return Ok(t);
-        } else if let Some(t) = self.cached_l2(m, off) {
-            t
-        } else {
-            // Rare: evicted between the caller's lookup and now.
-            let mut buf = vec![0u8; cs as usize];
-            pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
-            Arc::new(L2Table::from_bytes(&buf))
-        };
-        m.pinned.entry(off).or_insert_with(|| table.clone());
-        let mut cache = self.l2_cache.write();
-        if cache.peek(&off).is_none() {
-            cache.put(off, table.clone());
-        }
-        Ok(table)
     }
 
     /// True when metadata changes are waiting for a flush.
@@ -884,7 +831,7 @@ impl Qcow2 {
                     released.extend((0..n).map(|i| off / cs + i));
                 }
                 if let Some(refs) = m.refs.as_mut() {
-                    let mut io = self.ref_io(&mut m.next_free);
+                    let mut io = self.ref_io(&mut m.space);
                     for c in released {
                         if let Err(e) = refs.adjust(c, -1, &mut io) {
                             log::warn!(
@@ -900,14 +847,28 @@ impl Qcow2 {
     }
 
     /// Flushes until nothing is dirty (releases made by one flush need a second one).
+    /// Fails rather than return with metadata still dirty: the caller (unmount, a
+    /// relink) relies on the image being complete on disk.
     pub fn flush_all(&self) -> Result<()> {
-        for _ in 0..4 {
-            self.flush()?;
+        self.flush_until_clean(|| self.flush())
+    }
+
+    /// Runs `flush` until no metadata is dirty. Without concurrent writers two or three
+    /// passes suffice; writers that keep dirtying metadata make it give up with an error.
+    fn flush_until_clean(&self, mut flush: impl FnMut() -> Result<()>) -> Result<()> {
+        for _ in 0..MAX_FLUSH_PASSES {
+            flush()?;
             if !self.has_dirty_metadata() {
-                break;
+                return Ok(());
             }
         }
-        Ok(())
+        Err(Error::state(
+            libc::EBUSY,
+            format!(
+                "{}: metadata still dirty after {MAX_FLUSH_PASSES} flushes (writes kept coming)",
+                self.path.display()
+            ),
+        ))
     }
 
     fn take_snapshot(&self) -> Result<Snapshot> {
@@ -944,6 +905,9 @@ impl Qcow2 {
             if t.dirty.swap(false, Ordering::AcqRel) {
                 l2.push((off, t.to_bytes(), t.clone()));
             }
+        }
+        if !l2.is_empty() {
+            m.l2_gen += 1;
         }
         let l1_indexes: Vec<usize> = std::mem::take(&mut m.l1_dirty).into_iter().collect();
         let h = self.header.lock();

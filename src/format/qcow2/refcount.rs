@@ -134,6 +134,41 @@ impl Refcounts {
         Ok(self.get_entry(&self.blocks[&bi].data, cluster % self.entries_per_block))
     }
 
+    /// For refcount changes of `clusters`: the blocks not in memory yet, as (block index,
+    /// offset) to load outside the image's lock, and how many blocks must be created.
+    pub fn missing(&self, clusters: impl IntoIterator<Item = u64>) -> (Vec<(u64, u64)>, u64) {
+        let mut seen = BTreeSet::new();
+        let (mut load, mut create) = (Vec::new(), 0);
+        for c in clusters {
+            let bi = c / self.entries_per_block;
+            if !seen.insert(bi) || self.blocks.contains_key(&bi) {
+                continue;
+            }
+            match self.table.get(bi as usize).map(|e| e & OFFSET_MASK) {
+                None | Some(0) => create += 1,
+                Some(off) => load.push((bi, off)),
+            }
+        }
+        (load, create)
+    }
+
+    /// Adds block `bi` as read from `offset` outside the lock, unless it was loaded
+    /// meanwhile (blocks are never evicted, so one not in memory was never changed and
+    /// the file holds its contents).
+    pub fn insert_loaded(&mut self, bi: u64, offset: u64, data: Vec<u8>) {
+        let current = self.table.get(bi as usize).map(|e| e & OFFSET_MASK);
+        if current == Some(offset)
+            && offset.is_multiple_of(self.cluster_size)
+            && data.len() as u64 == self.cluster_size
+        {
+            self.blocks.entry(bi).or_insert(Block {
+                offset,
+                data,
+                dirty: false,
+            });
+        }
+    }
+
     fn ensure_loaded(&mut self, bi: u64, io: &mut dyn RefIo) -> crate::Result<()> {
         if self.blocks.contains_key(&bi) {
             return Ok(());
