@@ -312,11 +312,13 @@ fn wait_for_signal(set: libc::sigset_t, mountpoint: &Path, jobs: &Jobs) {
         unmounted = umount();
     }
     if !unmounted {
+        // Detach first, then abort: aborting ends the session, and the process may exit
+        // before a detach that came second, leaving a dead mount behind.
+        // SAFETY: as above.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         if let Some(dev) = dev {
             abort_connection(dev);
         }
-        // SAFETY: as above.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
     std::thread::sleep(Duration::from_secs(3));
     log::warn!("session still busy after unmount; flushing and exiting");

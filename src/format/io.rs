@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -82,11 +82,63 @@ pub fn fdatasync(file: &File, path: &Path) -> Result<()> {
         .map_err(|e| Error::io(path, "fdatasync", e))
 }
 
+/// The size of an image file, or of a block device (from BLKGETSIZE64: a device's
+/// metadata says 0).
 pub fn file_len(file: &File, path: &Path) -> Result<u64> {
-    Ok(file
-        .metadata()
-        .map_err(|e| Error::io(path, "stat", e))?
-        .len())
+    let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into `size`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+    if r != 0 {
+        return Err(Error::io(path, "BLKGETSIZE64", io::Error::last_os_error()));
+    }
+    Ok(size)
+}
+
+// Block device ioctls (linux/fs.h).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+pub fn is_block_device(file: &File) -> bool {
+    file.metadata()
+        .is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// A block device's logical and physical block sizes (BLKSSZGET, BLKPBSZGET), for
+/// O_DIRECT-friendly alignment; 512/4096 if it cannot say.
+pub fn block_sizes(file: &File) -> (u64, u64) {
+    let get = |req: libc::c_ulong, default: u64| {
+        let mut v: libc::c_uint = 0;
+        // SAFETY: both ioctls write one unsigned int into `v`.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v) };
+        if r == 0 && v.is_power_of_two() {
+            u64::from(v)
+        } else {
+            default
+        }
+    };
+    (get(BLKSSZGET, 512), get(BLKPBSZGET, 4096))
+}
+
+/// Zeroes [off, off+len) of a block device with BLKZEROOUT (the device may unmap the
+/// range, and reads return zeros). `off` and `len` must be logical-block aligned.
+pub fn blk_zeroout(file: &File, path: &Path, off: u64, len: u64) -> Result<()> {
+    let range: [u64; 2] = [off, len];
+    // SAFETY: BLKZEROOUT reads two u64 (start, length) from `range`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+    if r != 0 {
+        return Err(Error::io(
+            path,
+            format!("BLKZEROOUT of {len} bytes at offset {off}"),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// `lseek(SEEK_DATA)`: the next offset >= `offset` that holds data, or None past the last data.

@@ -5,7 +5,10 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::io::{file_len, pread_zero_tail, pwrite_all, seek_data, seek_hole, vanished};
+use super::io::{
+    blk_zeroout, block_sizes, file_len, is_block_device, pread_zero_tail, pwrite_all, seek_data,
+    seek_hole, vanished,
+};
 use crate::{Error, Result};
 
 pub struct RawImage {
@@ -13,6 +16,9 @@ pub struct RawImage {
     file: File,
     size: u64,
     writable: bool,
+    /// A block device (LVM, iSCSI, a loop device): no holes to find or punch; its
+    /// logical block size, for BLKZEROOUT's alignment.
+    device_block: Option<u64>,
 }
 
 impl RawImage {
@@ -23,11 +29,13 @@ impl RawImage {
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
         let size = file_len(&file, path)?;
+        let device_block = is_block_device(&file).then(|| block_sizes(&file).0);
         Ok(RawImage {
             path: path.to_path_buf(),
             file,
             size,
             writable,
+            device_block,
         })
     }
 
@@ -63,6 +71,9 @@ impl RawImage {
         if len == 0 {
             return Ok(()); // fallocate rejects an empty range with EINVAL
         }
+        if let Some(bs) = self.device_block {
+            return self.zero_device(off, len, bs);
+        }
         // SAFETY: fallocate on our own fd; no memory is passed.
         let r = unsafe {
             libc::fallocate(
@@ -83,6 +94,21 @@ impl RawImage {
                 err,
             ));
         }
+        self.write_zeros(off, len)
+    }
+
+    /// A block device: BLKZEROOUT for the aligned middle, zeros written at the edges.
+    fn zero_device(&self, off: u64, len: u64, bs: u64) -> Result<()> {
+        let (a, b) = (off.div_ceil(bs) * bs, (off + len) / bs * bs);
+        if a >= b {
+            return self.write_zeros(off, len);
+        }
+        self.write_zeros(off, a - off)?;
+        blk_zeroout(&self.file, &self.path, a, b - a)?;
+        self.write_zeros(b, off + len - b)
+    }
+
+    fn write_zeros(&self, off: u64, len: u64) -> Result<()> {
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut at = off;
         while at < off + len {
@@ -99,6 +125,11 @@ impl RawImage {
 
     /// Whether [off, off+len) starts with data (true) or a hole (false), and for how long.
     pub fn status(&self, off: u64, len: u64) -> Result<(bool, u64)> {
+        // A device has no holes to ask about (lseek SEEK_DATA fails on one): all data,
+        // as QEMU's file driver says.
+        if self.device_block.is_some() {
+            return Ok((true, len));
+        }
         let err = |e| Error::io(&self.path, "lseek", e);
         let data = seek_data(&self.file, off).map_err(err)?;
         match data {

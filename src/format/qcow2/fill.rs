@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::l2::{decode_l1, ClusterState, SubState, COPIED};
 use super::refcount::RefIo;
-use super::{bump, L2Table, Meta, Qcow2};
+use super::{L2Table, Meta, Qcow2};
 use crate::format::io::{pread_exact, pwrite_all};
 use crate::{Error, Result};
 
@@ -301,7 +301,7 @@ impl Qcow2 {
     /// the lock: a full disk fails here, before anything points at them.
     fn reserve_spare(&self, n: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let off = bump(&mut self.meta.lock().space.next_free, n, cs)?;
+        let off = self.meta.lock().space.bump(n, cs)?;
         let zeros = vec![0u8; (n * cs) as usize];
         pwrite_all(&self.file, &self.path, &zeros, off, "new metadata clusters")?;
         let mut m = self.meta.lock();

@@ -39,7 +39,9 @@ pub use self::fill::{Batch, ClusterOp};
 use self::header::{Compression, Header, HeaderError};
 use self::l2::{decode_l1, ClusterState, Geometry, SubState};
 use self::refcount::{RefIo, RefSnapshot, Refcounts};
-use super::io::{fdatasync, file_len, pread_exact, pread_zero_tail, pwrite_all, vanished};
+use super::io::{
+    fdatasync, file_len, is_block_device, pread_exact, pread_zero_tail, pwrite_all, vanished,
+};
 use super::Mapping;
 use crate::{Error, Result};
 
@@ -150,6 +152,29 @@ struct Meta {
 struct Space {
     next_free: u64,
     spare: Vec<u64>,
+    /// Where the file cannot grow past: the end of a block device (a full device fails
+    /// the write with ENOSPC, as a full file system does), or qcow2's own limit.
+    limit: u64,
+}
+
+impl Space {
+    /// Takes `n` clusters at the end of the used area.
+    fn bump(&mut self, n: u64, cluster_size: u64) -> Result<u64> {
+        let off = self.next_free;
+        let end = off
+            .checked_add(n * cluster_size)
+            .filter(|&e| e <= self.limit)
+            .ok_or_else(|| {
+                let what = if self.limit < MAX_HOST_OFFSET {
+                    "the block device under the image is full"
+                } else {
+                    "qcow2 image reached its maximum host size"
+                };
+                Error::state(libc::ENOSPC, what)
+            })?;
+        self.next_free = end;
+        Ok(off)
+    }
 }
 
 /// Everything one flush writes, captured under the metadata lock.
@@ -220,7 +245,7 @@ impl RefIo for FileRefIo<'_> {
         // Rare (the commit's estimate fell short, or the refcount table grows): zero
         // under the lock. Metadata clusters get their space now, so a full disk fails
         // here, before anything points at them, and never in the middle of a flush.
-        let off = bump(&mut self.space.next_free, n, self.cluster_size)?;
+        let off = self.space.bump(n, self.cluster_size)?;
         let zeros = vec![0u8; (n * self.cluster_size) as usize];
         pwrite_all(self.file, self.path, &zeros, off, "new metadata cluster")?;
         Ok(off)
@@ -228,16 +253,6 @@ impl RefIo for FileRefIo<'_> {
     fn corrupt(&self, msg: String) -> Error {
         Error::corrupt(self.path, msg)
     }
-}
-
-fn bump(next_free: &mut u64, n: u64, cluster_size: u64) -> Result<u64> {
-    let off = *next_free;
-    let end = off
-        .checked_add(n * cluster_size)
-        .filter(|&e| e <= MAX_HOST_OFFSET)
-        .ok_or_else(|| Error::state(libc::ENOSPC, "qcow2 image reached its maximum host size"))?;
-    *next_free = end;
-    Ok(off)
 }
 
 fn header_err(path: &Path, e: HeaderError) -> Error {
@@ -269,6 +284,7 @@ impl Qcow2 {
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
         let len = file_len(&file, path)?;
+        let device = is_block_device(&file);
         let mut probe = vec![0u8; (Header::PROBE_LEN as u64).min(len) as usize];
         pread_exact(&file, path, &mut probe, 0, "header")?;
         let cluster_bits = Header::probe_cluster_bits(&probe).map_err(|e| header_err(path, e))?;
@@ -336,9 +352,16 @@ impl Qcow2 {
                 pinned: HashMap::new(),
                 l2_gen: 0,
                 refs: None,
+                // On a block device the used area ends where the refcounts say (loaded
+                // at open below), not at the device's end.
                 space: Space {
-                    next_free: len.div_ceil(cs) * cs,
+                    next_free: if device { cs } else { len.div_ceil(cs) * cs },
                     spare: Vec::new(),
+                    limit: if device {
+                        len / cs * cs
+                    } else {
+                        MAX_HOST_OFFSET
+                    },
                 },
                 pending_decref: Vec::new(),
             }),
@@ -357,6 +380,11 @@ impl Qcow2 {
             header.autoclear_features = 0;
             *img.header.lock() = header;
             img.write_header()?;
+        }
+        if device {
+            // Where the used area ends (for allocation and `alloc_end`) is known only
+            // from the refcounts on a device.
+            img.load_refs()?;
         }
         Ok(img)
     }
@@ -652,6 +680,7 @@ impl Qcow2 {
         let mut scratch = Space {
             next_free: 0,
             spare: Vec::new(),
+            limit: MAX_HOST_OFFSET,
         };
         let last = refs.last_used_cluster(&mut self.ref_io(&mut scratch))?;
         let mut m = self.meta.lock();
@@ -670,7 +699,7 @@ impl Qcow2 {
         self.check_writable()?;
         self.load_refs()?;
         let mut m = self.meta.lock();
-        bump(&mut m.space.next_free, n, self.geo.cluster_size())
+        m.space.bump(n, self.geo.cluster_size())
     }
 
     /// Writes guest data at `host`. Refuses (as QEMU's overlap check does) a write that
