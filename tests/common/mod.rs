@@ -78,13 +78,31 @@ pub fn fuse_available() -> bool {
     fuse_skip_reason().is_none()
 }
 
+/// Whether a FUSE test runs (`Ok(None)`), skips (`Ok(Some(reason))`), or must fail
+/// (`Err`): under `CI=true` (or `1`) a test that cannot mount fails instead of skipping,
+/// so CI cannot pass on skipped mount tests.
+pub fn skip_decision(reason: Option<String>, ci: Option<&str>) -> Result<Option<String>, String> {
+    match (reason, ci) {
+        (None, _) => Ok(None),
+        (Some(r), Some(c)) if c.eq_ignore_ascii_case("true") || c == "1" => {
+            Err(format!("CI={c}: FUSE tests must run here, but {r}"))
+        }
+        (Some(r), _) => Ok(Some(r)),
+    }
+}
+
 /// First statement of every FUSE test: prints `SKIP: <test>: <reason>` and returns early
-/// when FUSE is unavailable.
+/// when FUSE is unavailable (a local run without /dev/fuse), or fails under `CI=true`.
 macro_rules! require_fuse {
     () => {
-        if let Some(reason) = $crate::common::fuse_skip_reason() {
-            eprintln!("SKIP: {}: {}", $crate::common::test_name(), reason);
-            return;
+        let ci = std::env::var("CI").ok();
+        match $crate::common::skip_decision($crate::common::fuse_skip_reason(), ci.as_deref()) {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                eprintln!("SKIP: {}: {}", $crate::common::test_name(), reason);
+                return;
+            }
+            Err(why) => panic!("{}: {why}", $crate::common::test_name()),
         }
     };
 }
