@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::l2::{decode_l1, ClusterState, SubState, COPIED};
+use super::overlap::Kind;
 use super::refcount::RefIo;
 use super::{L2Table, Meta, Qcow2};
 use crate::format::io::{pread_exact, pwrite_all};
@@ -407,6 +408,7 @@ impl Qcow2 {
             t.dirty.store(true, Ordering::Release);
             pinned.insert(new_off, t.clone());
             self.l2_cache.write().put(new_off, t.clone());
+            self.overlap.add(new_off, Kind::L2);
             self.l1[slot.l1i].store(new_off | COPIED, Ordering::Release);
             l1_dirty.insert(slot.l1i);
             slot.off = new_off;

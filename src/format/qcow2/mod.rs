@@ -19,6 +19,7 @@ pub mod compress;
 mod fill;
 pub mod header;
 pub mod l2;
+mod overlap;
 pub mod refcount;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -38,6 +39,7 @@ use parking_lot::{Mutex, RwLock};
 pub use self::fill::{Batch, ClusterOp};
 use self::header::{Compression, Header, HeaderError};
 use self::l2::{decode_l1, ClusterState, Geometry, SubState};
+use self::overlap::{overlaps, Kind, MetaMap};
 use self::refcount::{RefIo, RefSnapshot, Refcounts};
 use super::io::{
     fdatasync, file_len, is_block_device, pread_exact, pread_zero_tail, pwrite_all, vanished,
@@ -220,6 +222,8 @@ pub struct Qcow2 {
     unsynced: AtomicBool,
     /// Guest bytes this image defines itself (data or zero), once counted.
     defined: Mutex<Option<u64>>,
+    /// Where the L2 tables and refcount blocks are, for the overlap check.
+    overlap: MetaMap,
 }
 
 /// The refcount module's view of the file: block loads and end-of-file allocation.
@@ -372,6 +376,7 @@ impl Qcow2 {
             decompressed: Mutex::new(LruCache::new(NonZeroUsize::new(dc_cap).expect("nonzero"))),
             unsynced: AtomicBool::new(false),
             defined: Mutex::new(None),
+            overlap: MetaMap::default(),
             file,
         };
         if writable && header.autoclear_features != 0 {
@@ -381,6 +386,14 @@ impl Qcow2 {
             *img.header.lock() = header;
             img.write_header()?;
         }
+        // The L2 tables the image has now; new ones are added as they are made.
+        img.overlap.add_all(
+            img.l1
+                .iter()
+                .filter_map(|e| decode_l1(e.load(Ordering::Relaxed), cs).ok())
+                .filter(|&o| o != 0),
+            Kind::L2,
+        );
         if device {
             // Where the used area ends (for allocation and `alloc_end`) is known only
             // from the refcounts on a device.
@@ -683,6 +696,7 @@ impl Qcow2 {
             limit: MAX_HOST_OFFSET,
         };
         let last = refs.last_used_cluster(&mut self.ref_io(&mut scratch))?;
+        self.overlap.add_all(refs.block_offsets(), Kind::RefBlock);
         let mut m = self.meta.lock();
         if let Some(last) = last {
             m.space.next_free = m.space.next_free.max((last + 1) * cs);
@@ -706,19 +720,40 @@ impl Qcow2 {
     /// would land on the header, the L1 table or the refcount table: only a corrupt or
     /// hostile L2 entry points there, and writing would destroy the image.
     pub fn pwrite(&self, host: u64, buf: &[u8]) -> Result<()> {
-        let end = host + buf.len() as u64;
-        let overlaps = |(start, len): (u64, u64)| host < start + len && start < end;
+        // The refcount blocks are known once the refcounts are loaded.
+        self.load_refs()?;
+        self.check_overlap(host, buf.len() as u64, Kind::Data)?;
+        self.unsynced.store(true, Ordering::Release);
+        pwrite_all(&self.file, &self.path, buf, host, "guest data")
+    }
+
+    /// Refuses a write of `what` to [host, host+len) that would land on metadata of
+    /// another kind (QEMU: "Preventing invalid write on metadata").
+    fn check_overlap(&self, host: u64, len: u64, what: Kind) -> Result<()> {
+        let end = host.saturating_add(len);
+        let cs = self.geo.cluster_size();
         let reftable = (
             self.reftable_range[0].load(Ordering::Acquire),
             self.reftable_range[1].load(Ordering::Acquire),
         );
-        if overlaps((0, self.geo.cluster_size())) || overlaps(self.l1_range) || overlaps(reftable) {
-            return Err(self.corrupt(format!(
-                "refusing a guest write at host offset {host:#x}: it overlaps image metadata"
-            )));
+        let fixed = [
+            (Kind::Header, (0, cs)),
+            (Kind::L1, self.l1_range),
+            (Kind::RefTable, reftable),
+        ];
+        let hit = fixed
+            .iter()
+            .find(|(k, r)| *k != what && overlaps(host, end, *r))
+            .map(|(k, r)| (r.0, *k))
+            .or_else(|| self.overlap.hit(host, end, cs, what));
+        match hit {
+            None => Ok(()),
+            Some((at, kind)) => Err(self.corrupt(format!(
+                "preventing an invalid write of {} at host offset {host:#x}: it overlaps {} at {at:#x}",
+                what.name(),
+                kind.name()
+            ))),
         }
-        self.unsynced.store(true, Ordering::Release);
-        pwrite_all(&self.file, &self.path, buf, host, "guest data")
     }
 
     /// Asks the kernel to start writing [host, host+len) to disk now, without waiting
@@ -905,6 +940,7 @@ impl Qcow2 {
         let m = &mut *guard;
         let (refs, table_moved, freed_after_header, header) = match m.refs.as_mut() {
             Some(r) => {
+                self.overlap.add_all(r.take_new_blocks(), Kind::RefBlock);
                 // snapshot() writes the whole table when it moved; then the header must
                 // be switched to it before any L2 entry relies on its blocks.
                 let s = r.snapshot();
@@ -964,6 +1000,23 @@ impl Qcow2 {
 
     fn write_snapshot(&self, s: &Snapshot) -> Result<()> {
         let (f, p) = (&self.file, self.path.as_path());
+        // Nothing reaches the disk if any of it would land on other metadata.
+        let checks = s
+            .refs
+            .blocks
+            .iter()
+            .map(|(o, b)| (*o, b.len(), Kind::RefBlock))
+            .chain(
+                s.refs
+                    .table
+                    .iter()
+                    .map(|(o, b)| (*o, b.len(), Kind::RefTable)),
+            )
+            .chain(s.l2.iter().map(|(o, b, _)| (*o, b.len(), Kind::L2)))
+            .chain(s.l1.iter().map(|(o, b)| (*o, b.len(), Kind::L1)));
+        for (off, len, kind) in checks {
+            self.check_overlap(off, len as u64, kind)?;
+        }
         for (off, b) in &s.refs.blocks {
             pwrite_all(f, p, b, *off, "refcount block")?;
         }

@@ -34,6 +34,8 @@ pub struct Refcounts {
     /// Clusters of a replaced table: freed only once the header switch is durable.
     pub freed_after_header: Vec<(u64, u64)>,
     blocks: HashMap<u64, Block>,
+    /// Blocks created since `take_new_blocks` last ran.
+    new_blocks: Vec<u64>,
 }
 
 /// What a flush must write, in order.
@@ -66,7 +68,22 @@ impl Refcounts {
             table_moved: false,
             freed_after_header: Vec::new(),
             blocks: HashMap::new(),
+            new_blocks: Vec::new(),
         }
+    }
+
+    /// Offsets of every refcount block the table points at.
+    pub fn block_offsets(&self) -> Vec<u64> {
+        self.table
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect()
+    }
+
+    /// Refcount blocks created since the last call (for the overlap check).
+    pub fn take_new_blocks(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.new_blocks)
     }
 
     pub fn max_refcount(&self) -> u64 {
@@ -201,6 +218,7 @@ impl Refcounts {
         if self.table[bi as usize] & OFFSET_MASK == 0 {
             let offset = io.alloc_clusters(1)?;
             self.table[bi as usize] = offset;
+            self.new_blocks.push(offset);
             self.dirty_table_entries.insert(bi as usize);
             let data = vec![0u8; self.cluster_size as usize];
             self.blocks.insert(
