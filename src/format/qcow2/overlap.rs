@@ -99,9 +99,14 @@ mod tests {
             Some((0x30000, Kind::L2))
         );
         assert_eq!(
+            m.hit(0x4fe00, 0x50010, cs, Kind::Data),
+            Some((0x50000, Kind::RefBlock)),
+            "straddles into one"
+        );
+        assert_eq!(
             m.hit(0x2fe00, 0x30010, cs, Kind::Data),
-            Some((0x30000, Kind::L2)),
-            "straddles"
+            Some((0x20000, Kind::RefBlock)),
+            "starts in one"
         );
         assert_eq!(
             m.hit(0x40000, 0x50000, cs, Kind::Data),

@@ -4,7 +4,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::l2::OFFSET_MASK;
+/// Refcount table entries keep the block offset in bits 9..=63 (qcow2.rst; QEMU's
+/// REFT_OFFSET_MASK), unlike L1/L2 entries (bits 9..=55): masking a hostile entry with
+/// the narrower mask would send refcount updates to some other cluster.
+const OFFSET_MASK: u64 = !0x1ff;
 
 /// What the refcount logic needs from the image: reading existing blocks and taking
 /// fresh (zeroed, space-reserved) clusters from the end of the file.
