@@ -153,6 +153,8 @@ struct Meta {
 /// reserved) outside the lock for the next commits to take (see `fill::reserve_spare`).
 struct Space {
     next_free: u64,
+    /// `next_free`, readable without the metadata lock (guest writes check against it).
+    end: Arc<AtomicU64>,
     spare: Vec<u64>,
     /// Where the file cannot grow past: the end of a block device (a full device fails
     /// the write with ENOSPC, as a full file system does), or qcow2's own limit.
@@ -175,6 +177,7 @@ impl Space {
                 Error::state(libc::ENOSPC, what)
             })?;
         self.next_free = end;
+        self.end.store(end, Ordering::Release);
         Ok(off)
     }
 }
@@ -224,6 +227,8 @@ pub struct Qcow2 {
     defined: Mutex<Option<u64>>,
     /// Where the L2 tables and refcount blocks are, for the overlap check.
     overlap: MetaMap,
+    /// The end of the used area (a mirror of `Space::next_free`).
+    end: Arc<AtomicU64>,
 }
 
 /// The refcount module's view of the file: block loads and end-of-file allocation.
@@ -337,6 +342,8 @@ impl Qcow2 {
         let cs = geo.cluster_size();
         let l2_cap = (L2_CACHE_BYTES / cs).max(16) as usize;
         let dc_cap = (DECOMPRESSED_CACHE_BYTES / cs).max(4) as usize;
+        let used_end = if device { cs } else { len.div_ceil(cs) * cs };
+        let end = Arc::new(AtomicU64::new(used_end));
         let img = Qcow2 {
             id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_path_buf(),
@@ -359,7 +366,8 @@ impl Qcow2 {
                 // On a block device the used area ends where the refcounts say (loaded
                 // at open below), not at the device's end.
                 space: Space {
-                    next_free: if device { cs } else { len.div_ceil(cs) * cs },
+                    next_free: used_end,
+                    end: end.clone(),
                     spare: Vec::new(),
                     limit: if device {
                         len / cs * cs
@@ -377,6 +385,7 @@ impl Qcow2 {
             unsynced: AtomicBool::new(false),
             defined: Mutex::new(None),
             overlap: MetaMap::default(),
+            end,
             file,
         };
         if writable && header.autoclear_features != 0 {
@@ -416,7 +425,7 @@ impl Qcow2 {
     }
     /// End of the highest allocated cluster (allocation only ever bumps it).
     pub fn alloc_end(&self) -> u64 {
-        self.meta.lock().space.next_free
+        self.end.load(Ordering::Acquire)
     }
     pub fn is_writable(&self) -> bool {
         self.writable
@@ -692,6 +701,7 @@ impl Qcow2 {
         // The scan only loads blocks; nothing is allocated from this scratch space.
         let mut scratch = Space {
             next_free: 0,
+            end: Arc::default(),
             spare: Vec::new(),
             limit: MAX_HOST_OFFSET,
         };
@@ -700,6 +710,7 @@ impl Qcow2 {
         let mut m = self.meta.lock();
         if let Some(last) = last {
             m.space.next_free = m.space.next_free.max((last + 1) * cs);
+            m.space.end.store(m.space.next_free, Ordering::Release);
         }
         m.refs = Some(refs);
         self.refs_loaded.store(true, Ordering::Release);
@@ -723,6 +734,14 @@ impl Qcow2 {
         // The refcount blocks are known once the refcounts are loaded.
         self.load_refs()?;
         self.check_overlap(host, buf.len() as u64, Kind::Data)?;
+        // An allocated cluster lies inside the used area; one past it (a corrupt entry)
+        // would grow the file wherever the entry says (reads of it fail the same way).
+        let end = host.saturating_add(buf.len() as u64);
+        if end > self.end.load(Ordering::Acquire) {
+            return Err(self.corrupt(format!(
+                "refusing a guest write at host offset {host:#x}: beyond the end of the image"
+            )));
+        }
         self.unsynced.store(true, Ordering::Release);
         pwrite_all(&self.file, &self.path, buf, host, "guest data")
     }
