@@ -45,6 +45,10 @@ enum Cmd {
         /// Open every image read-only: writes fail with EROFS, nothing is copied.
         #[arg(long)]
         read_only: bool,
+        /// Ignore other users' image locks (like QEMU's -U; only with --read-only): read
+        /// images that a VM may be writing, at the risk of inconsistent data.
+        #[arg(long, requires = "read_only")]
+        force_share: bool,
         /// Do not copy data read from backing images into the leaf.
         #[arg(long)]
         no_copy_on_read: bool,
@@ -151,6 +155,7 @@ pub fn main() -> i32 {
             images,
             foreground,
             read_only,
+            force_share,
             no_copy_on_read,
             allow_other,
             log_file,
@@ -178,6 +183,7 @@ pub fn main() -> i32 {
                 chains,
                 foreground,
                 read_only,
+                force_share,
                 copy_on_read: !no_copy_on_read,
                 allow_other,
                 threads,

@@ -22,6 +22,9 @@ pub enum Error {
     /// A valid image that uses something streamfs does not implement.
     #[error("{}: unsupported: {msg}", path.display())]
     Unsupported { path: PathBuf, msg: String },
+    /// Another process holds the image in a way we cannot share (QEMU's image locks).
+    #[error("{}: in use by another process (QEMU, qemu-img or a streamfs mount): {msg}", path.display())]
+    InUse { path: PathBuf, msg: String },
     /// Bad usage: arguments, names, mount points.
     #[error("{0}")]
     Invalid(String),
@@ -70,6 +73,7 @@ impl Error {
                 _ => libc::EIO,
             },
             Error::Corrupt { .. } | Error::Unsupported { .. } => libc::EIO,
+            Error::InUse { .. } => libc::EBUSY,
             Error::Invalid(_) => libc::EINVAL,
             Error::State { errno, .. } => *errno,
         }

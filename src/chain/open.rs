@@ -1,14 +1,39 @@
 //! Opening a backing chain the way QEMU does: the backing name from the header, relative
 //! names resolved against the directory of the image that names them, the format from the
 //! backing-format extension or else probed. Cycles are detected by (device, inode).
+//! Every image is locked as QEMU locks it (`format::lock`) before it is opened.
 
 use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
+
+use crate::format::lock::{Access, ImageLock};
 use crate::format::{Format, Image};
 use crate::{Error, Result};
+
+/// How images are opened, beyond what `open_chain`'s arguments say. Process-wide, set by
+/// the daemon before it opens anything: the chain code calls `open_chain` and
+/// `reopen_backing` (on a backing file's return) without options, and both must apply
+/// the same rules.
+#[derive(Debug, Clone, Default)]
+pub struct OpenPolicy {
+    /// Read-only opens skip the lock test and share everything (`--force-share`).
+    pub force_share: bool,
+}
+
+static POLICY: RwLock<OpenPolicy> = parking_lot::const_rwlock(OpenPolicy { force_share: false });
+
+/// Sets the rules for every later open.
+pub fn set_policy(policy: OpenPolicy) {
+    *POLICY.write() = policy;
+}
+
+fn policy() -> OpenPolicy {
+    POLICY.read().clone()
+}
 
 /// Longest chain we open; deeper chains are almost always a mistake (or a loop through
 /// names we cannot see through, like different paths to one file on a network FS).
@@ -21,6 +46,8 @@ pub struct Layer {
     pub name: String,
     /// Identity of the file when opened, to notice it being removed or replaced.
     id: (u64, u64),
+    /// QEMU-compatible image locks, held as long as the layer is open.
+    _lock: ImageLock,
 }
 
 impl Layer {
@@ -64,6 +91,14 @@ fn open_layer(
             path.display()
         )));
     }
+    let id = (meta.dev(), meta.ino());
+    // Locked before anything is read or written, so nothing touches an image QEMU writes.
+    let access = match (writable, policy().force_share) {
+        (true, _) => Access::WRITER,
+        (false, false) => Access::READER,
+        (false, true) => Access::FORCE_SHARE,
+    };
+    let lock = ImageLock::acquire(path, id, access)?;
     let fmt = match format {
         Some(f) => f,
         None => Format::probe(path)?,
@@ -72,7 +107,8 @@ fn open_layer(
     Ok(Layer {
         image,
         name: name.to_string(),
-        id: (meta.dev(), meta.ino()),
+        id,
+        _lock: lock,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct MountOptions {
     pub chains: Vec<(String, PathBuf)>,
     pub foreground: bool,
     pub read_only: bool,
+    /// Skip the image-lock test (read-only mounts only).
+    pub force_share: bool,
     pub copy_on_read: bool,
     pub allow_other: bool,
     pub threads: usize,
@@ -75,6 +77,12 @@ fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
             "/dev/fuse does not exist (is the fuse module loaded?)".into(),
         ));
     }
+    if opts.force_share && !opts.read_only {
+        return Err(Error::Invalid("--force-share needs --read-only".into()));
+    }
+    crate::chain::open::set_policy(crate::chain::open::OpenPolicy {
+        force_share: opts.force_share,
+    });
     let mut chains = Vec::new();
     for (name, image) in &opts.chains {
         let chain = Chain::open(name, image, opts.read_only, opts.copy_on_read)?;
