@@ -49,6 +49,17 @@ enum Cmd {
         /// images that a VM may be writing, at the risk of inconsistent data.
         #[arg(long, requires = "read_only")]
         force_share: bool,
+        /// Every backing file (after symlinks and ..) must lie under one of these
+        /// directories, else the mount is refused (repeatable; default: anywhere).
+        #[arg(long, value_name = "DIR")]
+        backing_dir: Vec<PathBuf>,
+        /// Refuse network backing files (nbd:, http:, ...).
+        #[arg(long, conflicts_with = "allow_remote")]
+        no_remote: bool,
+        /// Network backing files whose name starts with PREFIX may be opened (repeatable;
+        /// network backings are not implemented yet, so this only shapes the refusal).
+        #[arg(long, value_name = "PREFIX")]
+        allow_remote: Vec<String>,
         /// Do not copy data read from backing images into the leaf.
         #[arg(long)]
         no_copy_on_read: bool,
@@ -156,6 +167,9 @@ pub fn main() -> i32 {
             foreground,
             read_only,
             force_share,
+            backing_dir,
+            no_remote,
+            allow_remote,
             no_copy_on_read,
             allow_other,
             log_file,
@@ -184,6 +198,9 @@ pub fn main() -> i32 {
                 foreground,
                 read_only,
                 force_share,
+                backing_dirs: backing_dir,
+                no_remote,
+                allow_remote,
                 copy_on_read: !no_copy_on_read,
                 allow_other,
                 threads,

@@ -35,6 +35,10 @@ pub struct MountOptions {
     pub read_only: bool,
     /// Skip the image-lock test (read-only mounts only).
     pub force_share: bool,
+    /// Directories backing files must lie in (empty: anywhere).
+    pub backing_dirs: Vec<PathBuf>,
+    pub no_remote: bool,
+    pub allow_remote: Vec<String>,
     pub copy_on_read: bool,
     pub allow_other: bool,
     pub threads: usize,
@@ -80,8 +84,23 @@ fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
     if opts.force_share && !opts.read_only {
         return Err(Error::Invalid("--force-share needs --read-only".into()));
     }
+    let mut backing_dirs = Vec::new();
+    for d in &opts.backing_dirs {
+        let real = std::fs::canonicalize(d)
+            .map_err(|e| Error::Invalid(format!("--backing-dir {}: {e}", d.display())))?;
+        if !real.is_dir() {
+            return Err(Error::Invalid(format!(
+                "--backing-dir {}: not a directory",
+                d.display()
+            )));
+        }
+        backing_dirs.push(real);
+    }
     crate::chain::open::set_policy(crate::chain::open::OpenPolicy {
         force_share: opts.force_share,
+        backing_dirs,
+        no_remote: opts.no_remote,
+        allow_remote: opts.allow_remote.clone(),
     });
     let mut chains = Vec::new();
     for (name, image) in &opts.chains {
