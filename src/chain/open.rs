@@ -12,7 +12,7 @@ use parking_lot::RwLock;
 
 use crate::format::lock::{Access, ImageLock};
 use crate::format::{Format, Image};
-use crate::{Error, Result};
+use crate::{text, Error, Result};
 
 /// How images are opened, beyond what `open_chain`'s arguments say. Process-wide, set by
 /// the daemon before it opens anything: the chain code calls `open_chain` and
@@ -72,8 +72,10 @@ impl Layer {
     pub fn replaced(&self) -> Option<String> {
         let p = self.image.path();
         match std::fs::metadata(p) {
-            Err(e) => Some(format!("{} is gone: {e}", p.display())),
-            Ok(m) if (m.dev(), m.ino()) != self.id => Some(format!("{} was replaced", p.display())),
+            Err(e) => Some(format!("{} is gone: {e}", text::path(p))),
+            Ok(m) if (m.dev(), m.ino()) != self.id => {
+                Some(format!("{} was replaced", text::path(p)))
+            }
             Ok(_) => None,
         }
     }
