@@ -282,3 +282,35 @@ fn force_share_needs_read_only() {
     assert!(f.stderr.contains("--read-only"), "{f}");
     assert!(!f.status.success());
 }
+
+#[test]
+fn images_are_free_as_soon_as_the_daemon_has_exited() {
+    require_fuse!();
+    let s = Scratch::new();
+    let (base, leaf) = chain(&s);
+    // The daemon's main thread shows as exited before its other threads are gone (and
+    // with them its files): the locks must not outlive what umount waits for.
+    for i in 0..10 {
+        let m = s.mount(&[&leaf], &["--threads", "32"]);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.file("leaf.raw"))
+            .unwrap();
+        with_timeout("write", IO_TIMEOUT, move || {
+            std::os::unix::fs::FileExt::write_all_at(&f, &[0xab; 4096], i * 4096).unwrap()
+        });
+        if i % 2 == 0 {
+            m.umount();
+        } else {
+            m.terminate(libc::SIGTERM);
+        }
+        for img in [&leaf, &base] {
+            let out = qemu_img_output(&["info", ps(img)]);
+            assert!(
+                out.status.success(),
+                "round {i}: {img:?} still locked: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

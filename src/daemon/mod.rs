@@ -276,7 +276,7 @@ fn serve(
         drop(r);
         detach_stdio();
     }
-    match session.run() {
+    let code = match session.run() {
         Ok(()) => {
             log::info!("unmounted {}", mountpoint.display());
             0
@@ -285,7 +285,10 @@ fn serve(
             log::error!("session ended with an error: {e}");
             1
         }
-    }
+    };
+    // Leaves were flushed in `destroy`; let others at the images before we are gone.
+    crate::format::lock::release_all();
+    code
 }
 
 /// Writes dirty leaf metadata back every few seconds: guest writes that were never
@@ -328,6 +331,7 @@ fn wait_for_signal(set: libc::sigset_t, mountpoint: &Path, jobs: &Jobs) {
             log::error!("{}: final flush failed: {e}", chain.name());
         }
     }
+    crate::format::lock::release_all();
     std::process::exit(0);
 }
 

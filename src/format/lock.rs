@@ -13,8 +13,10 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
+
+use parking_lot::Mutex;
 
 use crate::{Error, Result};
 
@@ -68,7 +70,32 @@ impl Access {
 /// the descriptor) releases them.
 #[derive(Debug)]
 pub struct ImageLock {
-    _file: File,
+    file: File,
+}
+
+/// Descriptors of every held lock, for [`release_all`].
+static HELD: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        // Removed before the descriptor closes (after this returns), so `release_all`
+        // never touches a number the kernel may have handed out again.
+        HELD.lock().retain(|&fd| fd != self.file.as_raw_fd());
+    }
+}
+
+/// Releases every lock this process holds, at once. For the daemon's last moment, after
+/// the final flush: the kernel closes files only when the last thread of a process has
+/// gone, well after the main thread shows as exited (a zombie) to `streamfs umount`, and
+/// a tool run right after the unmount must find the image free.
+pub fn release_all() {
+    let held = HELD.lock();
+    for &fd in held.iter() {
+        let fl = flock(libc::F_UNLCK, 0);
+        let whole = libc::flock { l_len: 0, ..fl };
+        // SAFETY: fcntl on a descriptor we hold open (HELD is locked, so not yet closed).
+        unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &whole) };
+    }
 }
 
 fn flock(kind: i32, byte: i64) -> libc::flock {
@@ -158,7 +185,8 @@ impl ImageLock {
                 }
             }
         }
-        Ok(ImageLock { _file: file })
+        HELD.lock().push(fd);
+        Ok(ImageLock { file })
     }
 }
 
@@ -199,7 +227,10 @@ mod tests {
         let _r2 = ImageLock::acquire(&p, id(&p), Access::READER).unwrap();
         assert!(ImageLock::acquire(&p, id(&p), Access::WRITER).is_err());
         drop((r1, _r2));
+        let w = ImageLock::acquire(&p, id(&p), Access::WRITER).unwrap();
+        release_all();
         ImageLock::acquire(&p, id(&p), Access::WRITER).unwrap();
+        drop(w);
     }
 
     #[test]
