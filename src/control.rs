@@ -183,7 +183,7 @@ pub fn render(lines: &[StatusLine]) -> String {
             l.rate,
             l.eta,
             l.speed,
-            l.base.as_deref().unwrap_or("-").replace(char::is_whitespace, "?"),
+            crate::text::escape(l.base.as_deref().unwrap_or("-")).replace(char::is_whitespace, "?"),
             l.layers,
             l.leaf_bytes,
             l.threshold,
@@ -390,5 +390,26 @@ mod tests {
         assert_eq!(parsed[0].1["state"], "failed");
         assert_eq!(parsed[0].1["error"], "read failed: \"base\" at 42 bad");
         assert_eq!(parsed[0].1["leaf"], "8192");
+    }
+
+    #[test]
+    fn base_paths_from_images_are_escaped() {
+        let line = StatusLine {
+            name: "vm1.raw".into(),
+            state: JobState::Running,
+            offset: 0,
+            len: 1,
+            copied: 0,
+            rate: 0,
+            eta: 0,
+            speed: 0,
+            base: Some("/i/\x1b[2J base".into()),
+            error: None,
+            layers: 2,
+            leaf_bytes: 0,
+        };
+        let text = render(&[line]);
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert_eq!(parse_status(&text)[0].1["base"], "/i/\\x1b[2J?base");
     }
 }

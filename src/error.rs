@@ -1,15 +1,18 @@
 //! One error type for the whole crate. Every variant carries enough context (file, offset,
 //! what was being done) to be shown to a user as is, and maps to an errno for FUSE replies.
+//! Paths and messages may carry names from images: they are shown escaped (`text`).
 
 use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::text;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error while doing `what` on `path`.
-    #[error("{}: {what}: {source}", path.display())]
+    #[error("{}: {}: {source}", text::path(path), text::escape(what))]
     Io {
         path: PathBuf,
         what: String,
@@ -17,16 +20,23 @@ pub enum Error {
         source: io::Error,
     },
     /// The image is malformed: QEMU would refuse it too.
-    #[error("{}: corrupt image: {msg}", path.display())]
+    #[error("{}: corrupt image: {}", text::path(path), text::escape(msg))]
     Corrupt { path: PathBuf, msg: String },
     /// A valid image that uses something streamfs does not implement.
-    #[error("{}: unsupported: {msg}", path.display())]
+    #[error("{}: unsupported: {}", text::path(path), text::escape(msg))]
     Unsupported { path: PathBuf, msg: String },
+    /// Another process holds the image in a way we cannot share (QEMU's image locks).
+    #[error(
+        "{}: in use by another process (QEMU, qemu-img or a streamfs mount): {}",
+        text::path(path),
+        text::escape(msg)
+    )]
+    InUse { path: PathBuf, msg: String },
     /// Bad usage: arguments, names, mount points.
-    #[error("{0}")]
+    #[error("{}", text::escape(.0))]
     Invalid(String),
     /// The operation is not allowed in this state (read-only, job active, ...).
-    #[error("{msg}")]
+    #[error("{}", text::escape(msg))]
     State { msg: String, errno: i32 },
 }
 
@@ -70,6 +80,7 @@ impl Error {
                 _ => libc::EIO,
             },
             Error::Corrupt { .. } | Error::Unsupported { .. } => libc::EIO,
+            Error::InUse { .. } => libc::EBUSY,
             Error::Invalid(_) => libc::EINVAL,
             Error::State { errno, .. } => *errno,
         }

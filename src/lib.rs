@@ -5,7 +5,8 @@
 //! `format` (qcow2/raw images) <- `chain` (backing chains, copy-on-read, writes)
 //! <- `jobs` (stream job state machine, workers) <- `control` (commands and status
 //! text) <- `fs` (fuser) <- `daemon`/`cli` (process life cycle, command line).
-//! `error` and `fault` (test-only fault points) are used by all.
+//! `error`, `text` (escaping names from images) and `fault` (test-only fault points)
+//! are used by all.
 
 pub mod chain;
 pub mod cli;
@@ -18,5 +19,6 @@ pub mod format;
 pub mod fs;
 pub mod jobs;
 pub mod panic_hook;
+pub mod text;
 
 pub use error::{Error, Result};

@@ -19,6 +19,55 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+// Leaves are inspected while mounted. streamfs locks them as QEMU locks a running VM's
+// disk, so these look as one looks at a live VM's disk, with -U (they shadow common's).
+fn qemu_img_info(image: &Path) -> serde_json::Value {
+    let out = qemu_img(&[
+        "info",
+        "-U",
+        "--output=json",
+        "-f",
+        image_format(image),
+        ps(image),
+    ]);
+    serde_json::from_str(&out).expect("qemu-img info json")
+}
+
+fn assert_identical_to_raw(what: &str, image: &Path, raw: &Path) {
+    let out = qemu_img_output(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        ps(image),
+        ps(raw),
+    ]);
+    assert!(
+        out.status.success(),
+        "{what}: qemu-img compare {image:?} {raw:?} -> {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn check_status_leaf_only(image: &Path) -> (i32, String) {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "backing": null,
+        "file": {"driver": "file", "filename": ps(image)},
+    });
+    let out = qemu_img_output(&["check", "-U", &format!("json:{spec}")]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// How long an unthrottled stream of a test chain (≤ 64 MiB) may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -189,7 +238,7 @@ fn assert_no_backing(image: &Path) {
         info.get("backing-filename").is_none() && info.get("full-backing-filename").is_none(),
         "{image:?} still has a backing file: {info:#}"
     );
-    let text = qemu_img(&["info", "-f", "qcow2", ps(image)]);
+    let text = qemu_img(&["info", "-U", "-f", "qcow2", ps(image)]);
     assert!(
         !text.contains("backing file"),
         "qemu-img info {image:?} shows a backing file:\n{text}"
@@ -530,6 +579,7 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
     c.assert_compare();
     qemu_io(&[
         "-r",
+        "-U",
         "-f",
         "qcow2",
         "-c",

@@ -49,6 +49,21 @@ enum Cmd {
         /// Open every image read-only: writes fail with EROFS, nothing is copied.
         #[arg(long)]
         read_only: bool,
+        /// Ignore other users' image locks (like QEMU's -U; only with --read-only): read
+        /// images that a VM may be writing, at the risk of inconsistent data.
+        #[arg(long, requires = "read_only")]
+        force_share: bool,
+        /// Every backing file (after symlinks and ..) must lie under one of these
+        /// directories, else the mount is refused (repeatable; default: anywhere).
+        #[arg(long, value_name = "DIR")]
+        backing_dir: Vec<PathBuf>,
+        /// Refuse network backing files (nbd:, http:, ...).
+        #[arg(long, conflicts_with = "allow_remote")]
+        no_remote: bool,
+        /// Network backing files whose name starts with PREFIX may be opened (repeatable;
+        /// network backings are not implemented yet, so this only shapes the refusal).
+        #[arg(long, value_name = "PREFIX")]
+        allow_remote: Vec<String>,
         /// Do not copy data read from backing images into the leaf.
         #[arg(long)]
         no_copy_on_read: bool,
@@ -199,6 +214,10 @@ pub fn main() -> i32 {
             images,
             foreground,
             read_only,
+            force_share,
+            backing_dir,
+            no_remote,
+            allow_remote,
             no_copy_on_read,
             allow_other,
             log_file,
@@ -230,6 +249,10 @@ pub fn main() -> i32 {
                 chains,
                 foreground,
                 read_only,
+                force_share,
+                backing_dirs: backing_dir,
+                no_remote,
+                allow_remote,
                 copy_on_read: !no_copy_on_read,
                 allow_other,
                 threads,

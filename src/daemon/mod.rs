@@ -33,6 +33,12 @@ pub struct MountOptions {
     pub chains: Vec<(String, PathBuf)>,
     pub foreground: bool,
     pub read_only: bool,
+    /// Skip the image-lock test (read-only mounts only).
+    pub force_share: bool,
+    /// Directories backing files must lie in (empty: anywhere).
+    pub backing_dirs: Vec<PathBuf>,
+    pub no_remote: bool,
+    pub allow_remote: Vec<String>,
     pub copy_on_read: bool,
     pub allow_other: bool,
     pub threads: usize,
@@ -77,6 +83,27 @@ fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
             "/dev/fuse does not exist (is the fuse module loaded?)".into(),
         ));
     }
+    if opts.force_share && !opts.read_only {
+        return Err(Error::Invalid("--force-share needs --read-only".into()));
+    }
+    let mut backing_dirs = Vec::new();
+    for d in &opts.backing_dirs {
+        let real = std::fs::canonicalize(d)
+            .map_err(|e| Error::Invalid(format!("--backing-dir {}: {e}", d.display())))?;
+        if !real.is_dir() {
+            return Err(Error::Invalid(format!(
+                "--backing-dir {}: not a directory",
+                d.display()
+            )));
+        }
+        backing_dirs.push(real);
+    }
+    crate::chain::open::set_policy(crate::chain::open::OpenPolicy {
+        force_share: opts.force_share,
+        backing_dirs,
+        no_remote: opts.no_remote,
+        allow_remote: opts.allow_remote.clone(),
+    });
     let mut chains = Vec::new();
     for (name, image) in &opts.chains {
         let chain = Chain::open(name, image, opts.read_only, opts.copy_on_read)?;
@@ -257,7 +284,7 @@ fn serve(
         drop(r);
         detach_stdio();
     }
-    match session.run() {
+    let code = match session.run() {
         Ok(()) => {
             log::info!("unmounted {}", mountpoint.display());
             0
@@ -266,7 +293,10 @@ fn serve(
             log::error!("session ended with an error: {e}");
             1
         }
-    }
+    };
+    // Leaves were flushed in `destroy`; let others at the images before we are gone.
+    crate::format::lock::release_all();
+    code
 }
 
 /// Writes dirty leaf metadata back every few seconds: guest writes that were never
@@ -328,6 +358,7 @@ fn wait_for_signal(set: libc::sigset_t, mountpoint: &Path, jobs: &Jobs) {
             log::error!("{}: final flush failed: {e}", chain.name());
         }
     }
+    crate::format::lock::release_all();
     std::process::exit(0);
 }
 

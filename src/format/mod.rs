@@ -2,6 +2,7 @@
 //! This layer knows nothing of chains: each image answers for its own clusters.
 
 pub mod io;
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 

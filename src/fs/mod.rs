@@ -23,6 +23,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -61,16 +62,59 @@ struct ControlHandle {
     answer: Option<(Vec<u8>, usize)>,
 }
 
+/// Owner, group and permission bits a raw file shows.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+    perm: u16,
+}
+
 pub struct StreamFs {
     jobs: Arc<Jobs>,
     bus: Arc<Bus>,
     events: EventReaders,
     io_errors: Arc<IoErrors>,
+    /// Per chain: taken from its leaf image file at mount, so with `--allow-other` the
+    /// kernel (default_permissions) lets in exactly those who may use the leaf itself.
+    owners: Vec<Owner>,
     handles: Mutex<HashMap<u64, ControlHandle>>,
     next_fh: AtomicU64,
     uid: u32,
     gid: u32,
     started: SystemTime,
+}
+
+/// The leaf's owner, group and read/write bits (never execute, setuid and the like); a
+/// read-only mount drops the write bits. If the leaf cannot be stat'ed, only the mounting
+/// user may read it.
+fn leaf_owner(chain: &Chain, uid: u32, gid: u32) -> Owner {
+    let path = chain.layers()[0].image.path().to_path_buf();
+    match std::fs::metadata(&path) {
+        Ok(m) => {
+            let mut perm = (m.mode() & 0o666) as u16;
+            if chain.read_only() {
+                perm &= !0o222;
+            }
+            Owner {
+                uid: m.uid(),
+                gid: m.gid(),
+                perm,
+            }
+        }
+        Err(e) => {
+            log::warn!(
+                "{}: cannot stat {} ({e}); the raw file is mode 0400",
+                chain.name(),
+                path.display()
+            );
+            Owner {
+                uid,
+                gid,
+                perm: 0o400,
+            }
+        }
+    }
 }
 
 fn errno(e: &Error) -> Errno {
@@ -87,11 +131,17 @@ impl StreamFs {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let bus = jobs.bus().clone();
+        let owners = jobs
+            .chains()
+            .iter()
+            .map(|c| leaf_owner(c, uid, gid))
+            .collect();
         StreamFs {
             events: EventReaders::new(bus.clone()),
             bus,
             io_errors,
             jobs,
+            owners,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             uid,
@@ -112,9 +162,16 @@ impl StreamFs {
             EVENTS => (FileType::RegularFile, 0o400, 0, 1),
             _ => {
                 let c = self.chain(INodeNo(ino))?;
-                let perm = if c.read_only() { 0o444 } else { 0o644 };
-                (FileType::RegularFile, perm, c.size(), 1)
+                (FileType::RegularFile, 0, c.size(), 1)
             }
+        };
+        let owner = match ino {
+            ROOT | CONTROL | EVENTS => Owner {
+                uid: self.uid,
+                gid: self.gid,
+                perm,
+            },
+            _ => *self.owners.get((ino - FIRST_CHAIN) as usize)?,
         };
         Some(FileAttr {
             ino: INodeNo(ino),
@@ -125,10 +182,10 @@ impl StreamFs {
             ctime: self.started,
             crtime: self.started,
             kind,
-            perm,
+            perm: owner.perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid: owner.uid,
+            gid: owner.gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,

@@ -139,7 +139,9 @@ impl Header {
             backing_file_offset: be64(buf, 8),
             backing_file_size: be32(buf, 16),
             cluster_bits,
-            size: be64(buf, 24),
+            // QEMU keeps whole 512-byte sectors (total_sectors = size / 512): a size that
+            // is not a multiple of 512 shows, and is rewritten, rounded down.
+            size: be64(buf, 24) / 512 * 512,
             l1_size: be32(buf, 36),
             l1_table_offset: be64(buf, 40),
             refcount_table_offset: be64(buf, 48),
@@ -253,8 +255,15 @@ impl Header {
                 ));
             }
             let name = &buf[start as usize..start as usize + len];
-            let name = std::str::from_utf8(name)
-                .map_err(|_| HeaderError::Corrupt("backing file name is not UTF-8".into()))?;
+            // QEMU reads the name as a C string: it ends at the first NUL (some tools
+            // count a terminating NUL in the stored length).
+            let name = name.split(|&b| b == 0).next().unwrap_or_default();
+            let name = std::str::from_utf8(name).map_err(|_| {
+                HeaderError::Corrupt(format!(
+                    "backing file name \"{}\" is not UTF-8",
+                    crate::text::escape_bytes(name)
+                ))
+            })?;
             if !name.is_empty() {
                 h.backing_file = Some(name.to_string());
             }
@@ -334,6 +343,8 @@ impl Header {
             |o: &mut Vec<u8>, at: usize, v: u32| o[at..at + 4].copy_from_slice(&v.to_be_bytes());
         let put64 =
             |o: &mut Vec<u8>, at: usize, v: u64| o[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        // The size as parsed (whole sectors), as QEMU's qcow2_update_header writes it.
+        put64(&mut out, 24, self.size);
         put64(&mut out, 48, self.refcount_table_offset);
         put32(&mut out, 56, self.refcount_table_clusters);
         if self.version == 3 {
@@ -577,6 +588,38 @@ mod tests {
             Header::parse(&m, len),
             Err(HeaderError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn backing_name_ends_at_the_first_nul_like_qemu() {
+        let (mut b, len) = sample();
+        let at = u64::from_be_bytes(b[8..16].try_into().unwrap()) as usize;
+        // Stored length counts a terminating NUL (and some padding).
+        set32(&mut b, 16, 13);
+        assert_eq!(
+            Header::parse(&b, len).unwrap().backing_file.as_deref(),
+            Some("base.qcow2")
+        );
+        // Only NULs: no backing file, as QEMU.
+        b[at..at + 13].fill(0);
+        assert_eq!(Header::parse(&b, len).unwrap().backing_file, None);
+        // Not UTF-8: refused, and the message shows the bytes escaped.
+        b[at..at + 4].copy_from_slice(b"a\xff\x1bb");
+        let m = corrupt_msg(&b, len);
+        assert!(m.contains("a\\xff\\x1bb") && !m.contains('\x1b'), "{m}");
+    }
+
+    #[test]
+    fn virtual_size_rounds_down_to_512_like_qemu() {
+        let (mut b, len) = sample();
+        set64(&mut b, 24, 1_000_001);
+        let h = Header::parse(&b, len).unwrap();
+        assert_eq!(h.size, 999_936);
+        // And is written back rounded, as QEMU's qcow2_update_header does.
+        let out = h.encode().unwrap();
+        assert_eq!(u64::from_be_bytes(out[24..32].try_into().unwrap()), 999_936);
+        set64(&mut b, 24, 511);
+        assert_eq!(Header::parse(&b, len).unwrap().size, 0);
     }
 
     #[test]
