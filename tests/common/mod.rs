@@ -31,7 +31,7 @@
 //!
 //! The harness is split by concern; everything is re-exported here, so `use common::*;` and
 //! `common::NAME` reach every item:
-//! * [`environment`]: sizes, time limits, FUSE availability;
+//! * [`environment`]: sizes, time limits, FUSE availability and the skip-or-fail rule;
 //! * [`processes`]: bounded commands and waits, signals, finding a test's processes;
 //! * [`mounts`]: [`Mount`], [`MountCmd`], the mount table, tmpfs, the pid xattr;
 //! * [`qemu`]: qemu-img / qemu-io, references, check, compare, info, map;
