@@ -16,16 +16,6 @@ use std::time::Duration;
 // Chains
 // ---------------------------------------------------------------------------------------------
 
-/// A backing chain built for a test.
-struct Chain {
-    /// The leaf, which is what gets mounted.
-    top: PathBuf,
-    /// The other images of the chain (never written by streamfs).
-    backing: Vec<PathBuf>,
-    /// A cluster size to aim random reads at.
-    cluster: u64,
-}
-
 /// Test data for a base image of `size` bytes: per `cluster`, alternately a compressible
 /// pattern (changing every 512 bytes), incompressible random bytes and zeros.
 fn mixed_data(size: u64, cluster: u64, seed: u64) -> Vec<u8> {
@@ -66,11 +56,7 @@ fn raw_base(s: &Scratch) -> Chain {
             "discard 3M 64k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// A raw base whose size (1000001 bytes) is not even a multiple of 512, under a larger top.
@@ -81,11 +67,7 @@ fn raw_base_odd_size(s: &Scratch) -> Chain {
         .backing(&base)
         .create(&s.join("top.qcow2"));
     qemu_io_cmds(&top, &["write -P 0xb1 64k 4k", "write -P 0xb2 960k 64k"]);
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// qcow2 base <- mid <- top (64 KiB clusters, relative backing names) with overlapping
@@ -118,11 +100,7 @@ fn three_layers(s: &Scratch) -> Chain {
             "write -P 0x05 8388096 512",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![mid, base])
 }
 
 /// Compressed base (`qemu-img convert -c`) <- mid <- top, all with cluster size `c` and
@@ -159,11 +137,7 @@ fn compressed_chain(s: &Scratch, c: u64, size: u64, ctype: &str) -> Chain {
             &format!("write -c -P 0x73 {} {}", size - c, c),
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: c,
-    }
+    Chain::new(top, vec![mid, base]).cluster(c)
 }
 
 /// extended_l2=on (mid: 32 KiB clusters, top: 64 KiB) over a plain base, with
@@ -204,11 +178,7 @@ fn extended_l2(s: &Scratch) -> Chain {
             "discard 2M 64k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 2 * KIB,
-    }
+    Chain::new(top, vec![mid, base]).cluster(2 * KIB)
 }
 
 /// compat=0.10 (qcow2 v2) chain with mixed cluster sizes; on v2, `write -z` writes zero
@@ -248,11 +218,7 @@ fn compat_010(s: &Scratch) -> Chain {
             "write -c -P 0x05 3M 16k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 16 * KIB,
-    }
+    Chain::new(top, vec![mid, base]).cluster(16 * KIB)
 }
 
 /// base, mid and top in three different directories; backing names relative to the
@@ -278,11 +244,7 @@ fn other_dirs(s: &Scratch, relative: bool) -> Chain {
     }
     .create(&top_path);
     qemu_io_cmds(&top, &["write -P 0x03 1536k 1M"]);
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![mid, base])
 }
 
 /// Virtual sizes that are not multiples of the cluster size (base: 4 KiB clusters).
@@ -307,11 +269,7 @@ fn odd_size(s: &Scratch) -> Chain {
             &format!("write -z {} 64k", 4 * MIB - 32 * KIB),
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// Backing files smaller than the images above them (reads past a backing's end are
@@ -336,11 +294,7 @@ fn smaller_backing(s: &Scratch) -> Chain {
             "write -P 0x04 3070k 4k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![mid, base])
 }
 
 /// A backing file larger than the top: only the top's virtual size is visible.
@@ -352,11 +306,7 @@ fn larger_backing(s: &Scratch) -> Chain {
         .backing(&base)
         .create(&s.join("top.qcow2"));
     qemu_io_cmds(&top, &["write -P 0x02 2M 512"]);
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// A 16-image chain; every layer writes its own (unaligned, overlapping) range and every
@@ -392,11 +342,8 @@ fn deep_chain(s: &Scratch) -> Chain {
         images.push(img);
     }
     let top = images.pop().unwrap();
-    Chain {
-        top,
-        backing: images,
-        cluster: 64 * KIB,
-    }
+    images.reverse();
+    Chain::new(top, images)
 }
 
 /// base <- leaf created with `leaf` options (refcount width, lazy refcounts,
@@ -413,11 +360,7 @@ fn leaf_with_options(s: &Scratch, leaf: Qcow2) -> Chain {
             "write -P 0x03 2100224 70k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// A 6 MiB random base under a leaf with 512-byte clusters and 64-bit refcounts: one
@@ -434,11 +377,7 @@ fn refcount_table_growth(s: &Scratch) -> Chain {
         .backing(&base)
         .create(&s.join("top.qcow2"));
     qemu_io_cmds(&top, &["write -P 0x02 1000k 3k", "write -z 2M 4k"]);
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 512,
-    }
+    Chain::new(top, vec![base]).cluster(512)
 }
 
 /// extended_l2 with 2 MiB clusters (64 KiB subclusters) over a 4 KiB-cluster base.
@@ -463,11 +402,7 @@ fn extended_l2_2m(s: &Scratch) -> Chain {
             "write -z 6400k 64k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 type Builder = fn(&Scratch) -> Chain;

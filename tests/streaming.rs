@@ -26,65 +26,12 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 // Chains
 // ---------------------------------------------------------------------------------------------
 
-/// A backing chain made for a test.
-struct Chain {
-    /// The leaf (what gets mounted).
-    top: PathBuf,
-    /// The backing images, nearest first.
-    backing: Vec<PathBuf>,
-    /// The chain's flattened contents (per qemu-img) ...
-    reference: Vec<u8>,
-    /// ... and the same as a raw file, for `qemu-img compare`.
-    ref_raw: PathBuf,
-}
-
-impl Chain {
-    fn name(&self) -> String {
-        default_name(&self.top)
-    }
-    fn size(&self) -> u64 {
-        self.reference.len() as u64
-    }
-    /// `qemu-img compare` finds the chain identical to the reference.
-    fn assert_compare(&self) {
-        assert_identical_to_raw("chain vs reference", &self.top, &self.ref_raw);
-    }
-}
-
-/// A qcow2 image of `size` bytes filled with incompressible random data.
-fn random_qcow2(path: &Path, size: u64, seed: u64) -> PathBuf {
-    let raw = path.with_file_name(format!(
-        ".{}.src.raw",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    create_raw_from(&raw, &random_bytes(seed, size as usize));
-    Qcow2::new().convert_from(&raw, path, false);
-    fs::remove_file(&raw).unwrap();
-    path.to_path_buf()
-}
-
 /// The name to store in `image` so that `backing` resolves from `image`'s directory.
 fn rel_name(backing: &Path, image: &Path) -> String {
     if backing.parent() == image.parent() {
         backing.file_name().unwrap().to_string_lossy().into_owned()
     } else {
         ps(backing).to_string()
-    }
-}
-
-/// Records the reference contents of `top`'s chain (also as `<dir>/<stem>.ref.raw`).
-fn finish_chain(top: PathBuf, backing: Vec<PathBuf>) -> Chain {
-    let reference = raw_reference(&top);
-    let ref_raw = top.with_file_name(format!(
-        "{}.ref.raw",
-        top.file_stem().unwrap().to_string_lossy()
-    ));
-    create_raw_from(&ref_raw, &reference);
-    Chain {
-        top,
-        backing,
-        reference,
-        ref_raw,
     }
 }
 
@@ -113,7 +60,7 @@ fn two_layer(dir: &Path, stem: &str, size: u64, seed: u64, holes: bool) -> Chain
             &format!("write -z {} 64k", size - 2 * MIB),
         ],
     );
-    finish_chain(top, vec![base])
+    Chain::new(top, vec![base]).with_reference()
 }
 
 /// base <- mid1 <- mid2 <- top, each layer overriding parts of the ones below (zero
@@ -160,7 +107,7 @@ fn four_deep(dir: &Path, base_dir: &Path, size: u64, seed: u64) -> Chain {
             &format!("write -P 0x34 {} 64k", size - 64 * KIB),
         ],
     );
-    finish_chain(top, vec![mid2, mid1, base])
+    Chain::new(top, vec![mid2, mid1, base]).with_reference()
 }
 
 /// `target` relative to directory `from` (both absolute, no symlink games).
@@ -525,8 +472,14 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
     for b in &c.backing {
         fs::remove_file(b).unwrap();
     }
-    assert_mount_reads(&m, &name, &c.reference);
-    check_random_preads(&m.file(&name), c.reference.clone().into(), 64 * KIB, 200, 7);
+    assert_mount_reads(&m, &name, c.reference());
+    check_random_preads(
+        &m.file(&name),
+        c.reference().to_vec().into(),
+        64 * KIB,
+        200,
+        7,
+    );
     c.assert_compare();
     qemu_io(&[
         "-r",
@@ -553,7 +506,7 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
     // And it mounts alone.
     let m = s.mount(&[&c.top], &["--read-only"]);
     assert_eq!(num(&job(&m, &name), "layers"), 1);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
 }
 
@@ -609,7 +562,7 @@ fn stream_keeping_base(s: &Scratch, c: &Chain, base_arg: &str) {
     for mid in &c.backing[..c.backing.len() - 1] {
         fs::remove_file(mid).unwrap();
     }
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
 
     let (code, out) = check_status_leaf_only(&c.top);
@@ -632,7 +585,7 @@ fn stream_keeping_base(s: &Scratch, c: &Chain, base_arg: &str) {
         "chain after stream: {v:#}"
     );
     let m = s.mount(&[&c.top], &["--read-only"]);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
 }
 
@@ -686,7 +639,7 @@ fn range_stream_allocates_only_that_range() {
         "range stream dropped layers: {}",
         done.raw
     );
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     // A second range, with K suffixes.
     ctl_ok(&m, &format!("start {name} offset=20480K length=1024K"));
     let done = wait_completed(&m, &name, STREAM_TIMEOUT);
@@ -790,13 +743,13 @@ fn stream_with_raw_base_keeps_its_format() {
         .backing_name("mid.qcow2", "qcow2")
         .create(&s.join("top.qcow2"));
     write_pattern(&top, 0x55, 4 * MIB, 64 * KIB);
-    let c = finish_chain(top, vec![mid, base.clone()]);
+    let c = Chain::new(top, vec![mid, base.clone()]).with_reference();
     let m = s.mount(&[&c.top], &[]);
     ctl_ok(&m, &format!("start {} base=base.img", c.name()));
     let done = wait_completed(&m, &c.name(), STREAM_TIMEOUT);
     assert_eq!(num(&done, "layers"), 2, "{}", done.raw);
     fs::remove_file(&c.backing[0]).unwrap();
-    assert_mount_reads(&m, &c.name(), &c.reference);
+    assert_mount_reads(&m, &c.name(), c.reference());
     m.umount();
     let info = qemu_img_info(&c.top);
     assert_eq!(
@@ -860,7 +813,7 @@ fn cancel_then_restart_continues_without_recopying() {
         later.raw
     );
     assert_eq!(state(&later), "cancelled", "{}", later.raw);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     ctl_fails(&m, &format!("cancel {name}"), libc::ESRCH);
 
     // Restart: completes, copying only what the first job did not.
@@ -877,7 +830,7 @@ fn cancel_then_restart_continues_without_recopying() {
         "first + second job copies != bytes the leaf lacked (recopied or skipped?)"
     );
     assert_eq!(num(&done, "layers"), 1, "{}", done.raw);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
     assert_fully_streamed(&c);
 }
@@ -932,7 +885,7 @@ fn pause_resume_and_speed_zero() {
         t.elapsed(),
         done.raw
     );
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
     assert_no_backing(&c.top);
     c.assert_compare();
@@ -1227,7 +1180,7 @@ fn control_errors_have_their_errno() {
     assert_eq!(state(&job(&m, &name)), "cancelled");
 
     // Still healthy: the disk reads correctly and a job can run to the end.
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     ctl_ok(&m, &format!("start {name}"));
     wait_completed(&m, &name, STREAM_TIMEOUT);
     ctl_fails(&m, &format!("pause {name}"), libc::ESRCH);
@@ -1401,7 +1354,7 @@ fn writes_during_streams_are_never_lost() {
     let (stop, h) = spawn_guest_io(
         &m,
         &fast.name(),
-        fast.reference.clone(),
+        fast.reference().to_vec(),
         seed,
         20,
         Duration::ZERO,
@@ -1416,7 +1369,7 @@ fn writes_during_streams_are_never_lost() {
     let (stop, h) = spawn_guest_io(
         &m2,
         &slow.name(),
-        slow.reference.clone(),
+        slow.reference().to_vec(),
         seed + 1,
         20,
         PACE,
@@ -1441,7 +1394,7 @@ fn writes_during_streams_are_never_lost() {
     let (stop, h) = spawn_guest_io(
         &m3,
         &deep.name(),
-        deep.reference.clone(),
+        deep.reference().to_vec(),
         seed + 3,
         20,
         PACE,
@@ -1505,7 +1458,7 @@ fn kill_9_during_stream_then_remount_and_finish() {
 
     ctl_ok(&m, &format!("start {name} speed=4M"));
     // The guest writes (each synced) while the stream runs.
-    let (stop, h) = spawn_guest_io(&m, &name, c.reference.clone(), seed, 30, PACE);
+    let (stop, h) = spawn_guest_io(&m, &name, c.reference().to_vec(), seed, 30, PACE);
     let l = wait_job(&m, &name, Duration::from_secs(20), "copying", |l| {
         num(l, "copied") > 0
     });
@@ -1658,10 +1611,10 @@ fn unreadable_backing_fails_the_job_then_resumes() {
     assert_bytes_eq(
         "leaf's own data",
         &own,
-        &c.reference[MIB as usize..2 * MIB as usize],
+        &c.reference()[MIB as usize..2 * MIB as usize],
     );
     let early = pread_mount(&f, 0, 64 * KIB as usize).expect("read of streamed data");
-    assert_bytes_eq("streamed data", &early, &c.reference[..64 * KIB as usize]);
+    assert_bytes_eq("streamed data", &early, &c.reference()[..64 * KIB as usize]);
 
     // Restore the base in place; a new start resumes and completes.
     let fh = OpenOptions::new().write(true).open(&base).unwrap();
@@ -1685,7 +1638,7 @@ fn unreadable_backing_fails_the_job_then_resumes() {
         "restart recopied everything: {}",
         done.raw
     );
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
     assert_fully_streamed(&c);
 }
@@ -1732,8 +1685,8 @@ fn two_chains_stream_at_once() {
     ctl_ok(&m, &format!("resume {}", a.name()));
     ctl_ok(&m, &format!("speed {} 0", a.name()));
     wait_completed(&m, &a.name(), STREAM_TIMEOUT);
-    assert_mount_reads(&m, &a.name(), &a.reference);
-    assert_mount_reads(&m, &b.name(), &b.reference);
+    assert_mount_reads(&m, &a.name(), a.reference());
+    assert_mount_reads(&m, &b.name(), b.reference());
     m.umount();
     for c in [&a, &b] {
         assert_fully_streamed(c);
@@ -1888,8 +1841,8 @@ fn mount_stream_completes_by_itself() {
         let l = wait_completed(&m, &c.name(), STREAM_TIMEOUT);
         assert_eq!(num(&l, "layers"), 1, "{}", l.raw);
     }
-    assert_mount_reads(&m, &a.name(), &a.reference);
-    assert_mount_reads(&m, &b.name(), &b.reference);
+    assert_mount_reads(&m, &a.name(), a.reference());
+    assert_mount_reads(&m, &b.name(), b.reference());
     m.umount();
     for c in [&a, &b] {
         assert_fully_streamed(c);

@@ -7,9 +7,11 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::environment::KIB;
 use super::environment::{ps, test_name};
+use super::mounts::default_name;
 use super::mounts::{Mount, MountCmd, MountFailure};
-use super::qemu::{image_format, qemu_img};
+use super::qemu::{assert_identical_to_raw, image_format, qemu_img, raw_reference};
 use super::{Rng, SeedableRng, StdRng};
 
 /// A private temporary directory for one test (removed on drop). Keep images and mount
@@ -284,4 +286,92 @@ pub fn splitmix_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; len];
     fill_splitmix(&mut v, seed);
     v
+}
+
+/// A backing chain base <- ... <- top made for a test. Build it with [`Chain::new`], then
+/// optionally [`Chain::cluster`] and [`Chain::with_reference`].
+#[derive(Clone, Debug)]
+pub struct Chain {
+    /// The leaf (what gets mounted).
+    pub top: PathBuf,
+    /// The other images of the chain, nearest first (the base last).
+    pub backing: Vec<PathBuf>,
+    /// A cluster size to aim random reads at.
+    pub cluster: u64,
+    /// The flattened contents recorded by [`Chain::with_reference`], and the same as a
+    /// raw file for `qemu-img compare`.
+    recorded: Option<(Vec<u8>, PathBuf)>,
+}
+
+impl Chain {
+    /// `top` over `backing` (nearest first), random reads aimed at 64 KiB clusters, no
+    /// reference recorded.
+    pub fn new(top: PathBuf, backing: Vec<PathBuf>) -> Chain {
+        Chain {
+            top,
+            backing,
+            cluster: 64 * KIB,
+            recorded: None,
+        }
+    }
+
+    /// Aims random reads at `cluster`-byte clusters.
+    pub fn cluster(mut self, cluster: u64) -> Chain {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Records the chain's current flattened contents (per qemu-img) as its reference,
+    /// also as the raw file `<dir>/<stem>.ref.raw` beside the top.
+    pub fn with_reference(mut self) -> Chain {
+        let reference = raw_reference(&self.top);
+        let ref_raw = self.top.with_file_name(format!(
+            "{}.ref.raw",
+            self.top.file_stem().unwrap().to_string_lossy()
+        ));
+        create_raw_from(&ref_raw, &reference);
+        self.recorded = Some((reference, ref_raw));
+        self
+    }
+
+    /// The name streamfs gives the chain by default.
+    pub fn name(&self) -> String {
+        default_name(&self.top)
+    }
+
+    /// The reference recorded by [`Chain::with_reference`] (panics without one).
+    pub fn reference(&self) -> &[u8] {
+        &self.recorded().0
+    }
+
+    /// The length of the reference (the chain's virtual size when it was recorded).
+    pub fn size(&self) -> u64 {
+        self.reference().len() as u64
+    }
+
+    /// `qemu-img compare` finds the chain identical to the recorded reference.
+    pub fn assert_compare(&self) {
+        assert_identical_to_raw("chain vs reference", &self.top, &self.recorded().1);
+    }
+
+    fn recorded(&self) -> &(Vec<u8>, PathBuf) {
+        self.recorded.as_ref().unwrap_or_else(|| {
+            panic!(
+                "no reference recorded for the chain of {:?} (Chain::with_reference)",
+                self.top
+            )
+        })
+    }
+}
+
+/// A qcow2 image of `size` bytes filled with incompressible random data (from `seed`).
+pub fn random_qcow2(path: &Path, size: u64, seed: u64) -> PathBuf {
+    let raw = path.with_file_name(format!(
+        ".{}.src.raw",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    create_raw_from(&raw, &random_bytes(seed, size as usize));
+    Qcow2::new().convert_from(&raw, path, false);
+    fs::remove_file(&raw).unwrap();
+    path.to_path_buf()
 }
