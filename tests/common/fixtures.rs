@@ -7,11 +7,13 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::environment::KIB;
 use super::environment::{ps, test_name};
+use super::environment::{KIB, MIB};
 use super::mounts::default_name;
 use super::mounts::{Mount, MountCmd, MountFailure};
-use super::qemu::{assert_identical_to_raw, image_format, qemu_img, raw_reference};
+use super::qemu::{
+    assert_identical_to_raw, image_format, qemu_img, qemu_io_cmds, raw_reference, write_pattern,
+};
 use super::{Rng, SeedableRng, StdRng};
 
 /// A private temporary directory for one test (removed on drop). Keep images and mount
@@ -374,4 +376,50 @@ pub fn random_qcow2(path: &Path, size: u64, seed: u64) -> PathBuf {
     Qcow2::new().convert_from(&raw, path, false);
     fs::remove_file(&raw).unwrap();
     path.to_path_buf()
+}
+
+/// `s/base.qcow2` <- `mid.qcow2` <- `top.qcow2` (64 KiB clusters, relative backing names) with overlapping
+/// writes, zero clusters in mid hiding base data, and discards.
+pub fn three_layers(s: &Scratch) -> Chain {
+    let base = Qcow2::new().size(8 * MIB).create(&s.join("base.qcow2"));
+    qemu_io_cmds(&base, &["write -P 0x01 0 8M"]);
+    let mid = Qcow2::new()
+        .backing_name("base.qcow2", "qcow2")
+        .create(&s.join("mid.qcow2"));
+    qemu_io_cmds(
+        &mid,
+        &[
+            "write -P 0x02 1M 2M",
+            "write -z 4M 1M",
+            "write -z 5246976 4k",
+            "discard 6M 1M",
+        ],
+    );
+    let top = Qcow2::new()
+        .backing_name("mid.qcow2", "qcow2")
+        .create(&s.join("top.qcow2"));
+    qemu_io_cmds(
+        &top,
+        &[
+            "write -P 0x03 1536k 1M",
+            "write -P 0x04 4227072 64k",
+            "write -z 7M 128k",
+            "discard 2M 256k",
+            "write -P 0x05 8388096 512",
+        ],
+    );
+    Chain::new(top, vec![mid, base])
+}
+
+/// A valid v3 image with some data, `dir/name`.
+pub fn valid_image(dir: &Path, name: &str) -> PathBuf {
+    let img = Qcow2::new().size(16 * MIB).create(&dir.join(name));
+    write_pattern(&img, 0x5a, 0, MIB);
+    img
+}
+
+/// A valid image `dir/name` with a backing file `dir/name.base`.
+pub fn valid_image_with_backing(dir: &Path, name: &str) -> PathBuf {
+    let base = valid_image(dir, &format!("{name}.base"));
+    Qcow2::new().backing(&base).create(&dir.join(name))
 }
