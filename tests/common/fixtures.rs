@@ -378,7 +378,7 @@ pub fn random_qcow2(path: &Path, size: u64, seed: u64) -> PathBuf {
     path.to_path_buf()
 }
 
-/// `s/base.qcow2` <- `mid.qcow2` <- `top.qcow2` (64 KiB clusters, relative backing names) with overlapping
+/// qcow2 base <- mid <- top (64 KiB clusters, relative backing names) with overlapping
 /// writes, zero clusters in mid hiding base data, and discards.
 pub fn three_layers(s: &Scratch) -> Chain {
     let base = Qcow2::new().size(8 * MIB).create(&s.join("base.qcow2"));
