@@ -83,29 +83,39 @@ pub fn errno_name(e: i32) -> String {
     format!("{name}({e}: {})", std::io::Error::from_raw_os_error(e))
 }
 
+/// Opens `.control` (`path`) with `flags` (named `how` in the failure message) and
+/// writes `bytes` in one write(). Returns the descriptor (for the caller to close) and Ok,
+/// or the errno of the failed write. The open must succeed and the write not be short.
+fn open_and_write(path: &CString, flags: i32, how: &str, bytes: &[u8]) -> (i32, Result<(), i32>) {
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "open .control {how} failed: {}",
+        std::io::Error::last_os_error()
+    );
+    let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+    let r = if n < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        assert_eq!(n as usize, bytes.len(), "short write to .control");
+        Ok(())
+    };
+    (fd, r)
+}
+
 /// Writes `bytes` in one write() to `.control` opened O_WRONLY|O_TRUNC (like the shell's
 /// `echo ... > .control`). Ok, or the errno of the failed write (the open must succeed).
 pub fn ctl_raw(m: &Mount, bytes: &[u8]) -> Result<(), i32> {
     let path = cpath(&m.control());
     let bytes = bytes.to_vec();
-    with_timeout(".control write", IO_TIMEOUT, move || unsafe {
-        let fd = libc::open(
-            path.as_ptr(),
-            libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+    with_timeout(".control write", IO_TIMEOUT, move || {
+        let (fd, r) = open_and_write(
+            &path,
+            libc::O_WRONLY | libc::O_TRUNC,
+            "O_WRONLY|O_TRUNC",
+            &bytes,
         );
-        assert!(
-            fd >= 0,
-            "open .control O_WRONLY|O_TRUNC failed: {}",
-            std::io::Error::last_os_error()
-        );
-        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
-        let r = if n < 0 {
-            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-        } else {
-            assert_eq!(n as usize, bytes.len(), "short write to .control");
-            Ok(())
-        };
-        libc::close(fd);
+        unsafe { libc::close(fd) };
         r
     })
 }
@@ -122,19 +132,7 @@ pub fn ctl_answer_raw(m: &Mount, bytes: &[u8]) -> (Result<(), i32>, String) {
     let path = cpath(&m.control());
     let bytes = bytes.to_vec();
     with_timeout(".control write+read", IO_TIMEOUT, move || unsafe {
-        let fd = libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        assert!(
-            fd >= 0,
-            "open .control O_RDWR failed: {}",
-            std::io::Error::last_os_error()
-        );
-        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
-        let r = if n < 0 {
-            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-        } else {
-            assert_eq!(n as usize, bytes.len(), "short write to .control");
-            Ok(())
-        };
+        let (fd, r) = open_and_write(&path, libc::O_RDWR, "O_RDWR", &bytes);
         let mut buf = vec![0u8; 8192];
         let mut got = Vec::new();
         loop {
