@@ -407,6 +407,9 @@ mod tests {
             error: None,
             layers: 2,
             leaf_bytes: 0,
+            threshold: 0,
+            alloc: 0,
+            waiting: crate::jobs::Waiting::None,
         };
         let text = render(&[line]);
         assert!(!text.contains('\x1b'), "{text:?}");

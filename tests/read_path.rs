@@ -1,30 +1,21 @@
-//! Read-path integration tests: mount real FUSE file systems over qcow2 chains made by
-//! qemu-img and compare what the mount shows with what qemu-img says the chain contains.
+//! Reading through chains: mount real FUSE file systems over qcow2 chains made by qemu-img
+//! and compare what the mount shows with what qemu-img says the chain contains (the read
+//! matrix, copy-on-read, SEEK_DATA / SEEK_HOLE against `qemu-img map`, concurrent readers,
+//! the fixtures themselves). Mount-time validation is in `tests/mount_validation.rs`, the
+//! daemon's lifecycle in `tests/daemon_lifecycle.rs`.
 
 mod common;
 
 use common::*;
 use std::fs::{self, File};
 use std::ops::Range;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
 // Chains
 // ---------------------------------------------------------------------------------------------
-
-/// A backing chain built for a test.
-struct Chain {
-    /// The leaf, which is what gets mounted.
-    top: PathBuf,
-    /// The other images of the chain (never written by streamfs).
-    backing: Vec<PathBuf>,
-    /// A cluster size to aim random reads at.
-    cluster: u64,
-}
 
 /// Test data for a base image of `size` bytes: per `cluster`, alternately a compressible
 /// pattern (changing every 512 bytes), incompressible random bytes and zeros.
@@ -66,11 +57,7 @@ fn raw_base(s: &Scratch) -> Chain {
             "discard 3M 64k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// A raw base whose size (1000001 bytes) is not even a multiple of 512, under a larger top.
@@ -81,48 +68,7 @@ fn raw_base_odd_size(s: &Scratch) -> Chain {
         .backing(&base)
         .create(&s.join("top.qcow2"));
     qemu_io_cmds(&top, &["write -P 0xb1 64k 4k", "write -P 0xb2 960k 64k"]);
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
-}
-
-/// qcow2 base <- mid <- top (64 KiB clusters, relative backing names) with overlapping
-/// writes, zero clusters in mid hiding base data, and discards.
-fn three_layers(s: &Scratch) -> Chain {
-    let base = Qcow2::new().size(8 * MIB).create(&s.join("base.qcow2"));
-    qemu_io_cmds(&base, &["write -P 0x01 0 8M"]);
-    let mid = Qcow2::new()
-        .backing_name("base.qcow2", "qcow2")
-        .create(&s.join("mid.qcow2"));
-    qemu_io_cmds(
-        &mid,
-        &[
-            "write -P 0x02 1M 2M",
-            "write -z 4M 1M",
-            "write -z 5246976 4k",
-            "discard 6M 1M",
-        ],
-    );
-    let top = Qcow2::new()
-        .backing_name("mid.qcow2", "qcow2")
-        .create(&s.join("top.qcow2"));
-    qemu_io_cmds(
-        &top,
-        &[
-            "write -P 0x03 1536k 1M",
-            "write -P 0x04 4227072 64k",
-            "write -z 7M 128k",
-            "discard 2M 256k",
-            "write -P 0x05 8388096 512",
-        ],
-    );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// Compressed base (`qemu-img convert -c`) <- mid <- top, all with cluster size `c` and
@@ -159,11 +105,7 @@ fn compressed_chain(s: &Scratch, c: u64, size: u64, ctype: &str) -> Chain {
             &format!("write -c -P 0x73 {} {}", size - c, c),
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: c,
-    }
+    Chain::new(top, vec![mid, base]).cluster(c)
 }
 
 /// extended_l2=on (mid: 32 KiB clusters, top: 64 KiB) over a plain base, with
@@ -204,11 +146,7 @@ fn extended_l2(s: &Scratch) -> Chain {
             "discard 2M 64k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 2 * KIB,
-    }
+    Chain::new(top, vec![mid, base]).cluster(2 * KIB)
 }
 
 /// compat=0.10 (qcow2 v2) chain with mixed cluster sizes; on v2, `write -z` writes zero
@@ -248,11 +186,7 @@ fn compat_010(s: &Scratch) -> Chain {
             "write -c -P 0x05 3M 16k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 16 * KIB,
-    }
+    Chain::new(top, vec![mid, base]).cluster(16 * KIB)
 }
 
 /// base, mid and top in three different directories; backing names relative to the
@@ -278,11 +212,7 @@ fn other_dirs(s: &Scratch, relative: bool) -> Chain {
     }
     .create(&top_path);
     qemu_io_cmds(&top, &["write -P 0x03 1536k 1M"]);
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![mid, base])
 }
 
 /// Virtual sizes that are not multiples of the cluster size (base: 4 KiB clusters).
@@ -307,11 +237,7 @@ fn odd_size(s: &Scratch) -> Chain {
             &format!("write -z {} 64k", 4 * MIB - 32 * KIB),
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// Backing files smaller than the images above them (reads past a backing's end are
@@ -336,11 +262,7 @@ fn smaller_backing(s: &Scratch) -> Chain {
             "write -P 0x04 3070k 4k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base, mid],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![mid, base])
 }
 
 /// A backing file larger than the top: only the top's virtual size is visible.
@@ -352,11 +274,7 @@ fn larger_backing(s: &Scratch) -> Chain {
         .backing(&base)
         .create(&s.join("top.qcow2"));
     qemu_io_cmds(&top, &["write -P 0x02 2M 512"]);
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// A 16-image chain; every layer writes its own (unaligned, overlapping) range and every
@@ -392,11 +310,8 @@ fn deep_chain(s: &Scratch) -> Chain {
         images.push(img);
     }
     let top = images.pop().unwrap();
-    Chain {
-        top,
-        backing: images,
-        cluster: 64 * KIB,
-    }
+    images.reverse();
+    Chain::new(top, images)
 }
 
 /// base <- leaf created with `leaf` options (refcount width, lazy refcounts,
@@ -413,11 +328,7 @@ fn leaf_with_options(s: &Scratch, leaf: Qcow2) -> Chain {
             "write -P 0x03 2100224 70k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 /// A 6 MiB random base under a leaf with 512-byte clusters and 64-bit refcounts: one
@@ -434,11 +345,7 @@ fn refcount_table_growth(s: &Scratch) -> Chain {
         .backing(&base)
         .create(&s.join("top.qcow2"));
     qemu_io_cmds(&top, &["write -P 0x02 1000k 3k", "write -z 2M 4k"]);
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 512,
-    }
+    Chain::new(top, vec![base]).cluster(512)
 }
 
 /// extended_l2 with 2 MiB clusters (64 KiB subclusters) over a 4 KiB-cluster base.
@@ -463,11 +370,7 @@ fn extended_l2_2m(s: &Scratch) -> Chain {
             "write -z 6400k 64k",
         ],
     );
-    Chain {
-        top,
-        backing: vec![base],
-        cluster: 64 * KIB,
-    }
+    Chain::new(top, vec![base])
 }
 
 type Builder = fn(&Scratch) -> Chain;
@@ -963,305 +866,6 @@ fn concurrent_reads_no_copy_on_read_2m_clusters() {
     );
 }
 
-// ---------------------------------------------------------------------------------------------
-// 4. Failures
-// ---------------------------------------------------------------------------------------------
-
-/// A valid v3 image with some data, `dir/name`.
-fn valid_image(dir: &Path, name: &str) -> PathBuf {
-    let img = Qcow2::new().size(16 * MIB).create(&dir.join(name));
-    write_pattern(&img, 0x5a, 0, MIB);
-    img
-}
-
-/// A valid image `dir/name` with a backing file `dir/name.base`.
-fn valid_image_with_backing(dir: &Path, name: &str) -> PathBuf {
-    let base = valid_image(dir, &format!("{name}.base"));
-    Qcow2::new().backing(&base).create(&dir.join(name))
-}
-
-/// A header corruption: (case name, needs a backing file, patch).
-type HeaderMutation = (&'static str, bool, fn(&Path));
-
-/// Every header corruption the mount must reject.
-fn header_mutations() -> Vec<HeaderMutation> {
-    vec![
-        ("truncated_header", false, |p| {
-            File::options()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_len(50)
-                .unwrap()
-        }),
-        ("truncated_v3_header", false, |p| {
-            File::options()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_len(90)
-                .unwrap()
-        }),
-        ("bad_magic", false, |p| patch_bytes(p, 0, b"QFI\xfa")),
-        ("version_1", false, |p| patch_be32(p, 4, 1)),
-        ("version_4", false, |p| patch_be32(p, 4, 4)),
-        ("cluster_bits_8", false, |p| patch_be32(p, 20, 8)),
-        ("cluster_bits_40", false, |p| patch_be32(p, 20, 40)),
-        ("cluster_bits_255", false, |p| patch_be32(p, 20, 255)),
-        ("l1_table_beyond_eof", false, |p| patch_be64(p, 40, 1 << 40)),
-        ("l1_size_huge", false, |p| patch_be32(p, 36, 0xffff_ffff)),
-        ("l1_size_beyond_eof", false, |p| {
-            patch_be32(p, 36, 0x1000_0000)
-        }),
-        ("backing_name_huge", true, |p| {
-            patch_be32(p, 16, 0xffff_ffff)
-        }),
-        ("backing_name_64k", true, |p| patch_be32(p, 16, 0x1_0000)),
-        ("backing_offset_beyond_eof", true, |p| {
-            patch_be64(p, 8, 1 << 40)
-        }),
-        ("unknown_incompatible_bit", false, |p| {
-            let v = read_be64(p, 72);
-            patch_be64(p, 72, v | 1 << 20)
-        }),
-        ("legacy_aes_encryption", false, |p| patch_be32(p, 32, 1)),
-    ]
-}
-
-/// Runs `check` for each named case, collecting panics so one run reports all failures.
-fn all_must_pass(cases: Vec<(String, Box<dyn FnOnce()>)>) {
-    let mut failures = Vec::new();
-    for (name, check) in cases {
-        eprintln!("case {name}");
-        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            failures.push(format!("{name}: {msg}"));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "failing cases:\n{}",
-        failures.join("\n\n")
-    );
-}
-
-#[test]
-fn mount_rejects_bad_headers() {
-    require_fuse!();
-    let s = Scratch::new();
-    let cases = header_mutations()
-        .into_iter()
-        .map(|(name, with_backing, patch)| {
-            let dir = s.subdir(name);
-            let file = format!("{name}.qcow2");
-            let img = if with_backing {
-                valid_image_with_backing(&dir, &file)
-            } else {
-                valid_image(&dir, &file)
-            };
-            patch(&img);
-            let mp = s.subdir(format!("{name}.mnt"));
-            let check: Box<dyn FnOnce()> = Box::new(move || {
-                assert_mount_fails(MountCmd::new().at(&mp).image(&img), &[&file]);
-                assert!(!is_mounted(&mp));
-            });
-            (name.to_string(), check)
-        })
-        .collect();
-    all_must_pass(cases);
-}
-
-#[test]
-fn mount_rejects_luks_encrypted_image() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = s.join("luks.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=sec0,data=abc",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
-        ps(&img),
-        "1M",
-    ]);
-    for args in [&[][..], &["--read-only"][..]] {
-        assert_mount_fails(s.mount_cmd().args(args).image(&img), &["luks.qcow2"]);
-    }
-}
-
-#[test]
-fn mount_rejects_backing_cycle() {
-    require_fuse!();
-    let s = Scratch::new();
-    let a = valid_image(s.path(), "a.qcow2");
-    let b = Qcow2::new().backing(&a).create(&s.join("b.qcow2"));
-    rebase_unsafe(&a, "b.qcow2", "qcow2");
-    let err = assert_mount_fails(s.mount_cmd().image(&b), &[]);
-    assert!(
-        err.contains("a.qcow2") || err.contains("b.qcow2"),
-        "cycle error names neither image: {err}"
-    );
-    // A self-reference is a cycle too.
-    let c = valid_image(s.path(), "self.qcow2");
-    rebase_unsafe(&c, "self.qcow2", "qcow2");
-    assert_mount_fails(s.mount_cmd().arg("--read-only").image(&c), &["self.qcow2"]);
-}
-
-#[test]
-fn mount_rejects_missing_backing_file() {
-    require_fuse!();
-    let s = Scratch::new();
-    let top = valid_image_with_backing(s.path(), "top.qcow2");
-    fs::remove_file(s.join("top.qcow2.base")).unwrap();
-    assert_mount_fails(s.mount_cmd().image(&top), &["top.qcow2.base"]);
-}
-
-#[test]
-fn mount_rejects_missing_image() {
-    require_fuse!();
-    let s = Scratch::new();
-    assert_mount_fails(
-        s.mount_cmd().image(s.join("nothere.qcow2")),
-        &["nothere.qcow2"],
-    );
-    // One good image does not make a bad one acceptable.
-    let good = valid_image(s.path(), "good.qcow2");
-    assert_mount_fails(
-        s.mount_cmd().image(&good).image(s.join("nothere.qcow2")),
-        &["nothere.qcow2"],
-    );
-}
-
-#[test]
-fn mount_rejects_bad_mountpoint() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image(s.path(), "img.qcow2");
-    assert_mount_fails(
-        MountCmd::new().at(s.join("missingdir")).image(&img),
-        &["missingdir"],
-    );
-    fs::write(s.join("plainfile"), b"x").unwrap();
-    assert_mount_fails(
-        MountCmd::new().at(s.join("plainfile")).image(&img),
-        &["plainfile"],
-    );
-    // Already a mount point: the second mount fails and the first keeps working.
-    let reference = raw_reference(&img);
-    let first = s.mount(&[&img], &["--read-only"]);
-    let other = valid_image(s.path(), "other.qcow2");
-    assert_mount_fails(
-        MountCmd::new()
-            .at(first.path())
-            .arg("--read-only")
-            .image(&other),
-        &[first.path().file_name().unwrap().to_str().unwrap()],
-    );
-    assert!(is_mounted(first.path()));
-    assert!(first.daemon_alive());
-    assert_bytes_eq("img.raw", &read_file(&first.file("img.raw")), &reference);
-    first.umount();
-}
-
-#[test]
-fn corrupt_bit_needs_read_only() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image(s.path(), "corrupt.qcow2");
-    let reference = raw_reference(&img);
-    let v = read_be64(&img, 72);
-    patch_be64(&img, 72, v | 2);
-    assert_mount_fails(s.mount_cmd().image(&img), &["corrupt.qcow2"]);
-    assert_mount_fails(
-        s.mount_cmd().arg("--no-copy-on-read").image(&img),
-        &["corrupt.qcow2"],
-    );
-    let before = fs::read(&img).unwrap();
-    let m = s.mount(&[&img], &["--read-only"]);
-    assert_bytes_eq(
-        "corrupt.raw",
-        &read_file(&m.file("corrupt.raw")),
-        &reference,
-    );
-    m.umount();
-    assert!(
-        fs::read(&img).unwrap() == before,
-        "read-only mount modified the image"
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// 5. Several chains, names, .control
-// ---------------------------------------------------------------------------------------------
-
-#[test]
-fn two_chains_default_and_explicit_names() {
-    require_fuse!();
-    let s = Scratch::new();
-    let vm1 = valid_image_with_backing(&s.subdir("a"), "vm1.qcow2");
-    let second = valid_image(&s.subdir("b"), "second.qcow2");
-    write_pattern(&second, 0x77, 3 * MIB, 5000);
-    let dotted = Qcow2::new()
-        .size(3 * MIB + 512)
-        .create(&s.subdir("c").join("my.disk.qcow2"));
-    write_pattern(&dotted, 0x78, 0, 4096);
-    let m = s
-        .mount_cmd()
-        .arg("--read-only")
-        .image(&vm1)
-        .named("data", &second)
-        .image(&dotted)
-        .run()
-        .unwrap_or_else(|f| panic!("{f}"));
-
-    let chains = [
-        ("vm1.raw", &vm1),
-        ("data", &second),
-        ("my.disk.raw", &dotted),
-    ];
-    let mut listed = m.list();
-    listed.retain(|n| n != ".control" && n != ".events");
-    let mut names: Vec<&str> = chains.iter().map(|c| c.0).collect();
-    names.sort();
-    assert_eq!(listed, names, "files in the mount root");
-
-    let meta = fs::metadata(m.control()).expect(".control exists");
-    assert!(meta.is_file());
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600, ".control mode");
-
-    for (name, img) in chains {
-        let reference = raw_reference(img);
-        assert_eq!(
-            fs::metadata(m.file(name)).unwrap().len(),
-            reference.len() as u64
-        );
-        assert_bytes_eq(name, &read_file(&m.file(name)), &reference);
-    }
-
-    let text = m.read_control();
-    let lines = parse_control(&text);
-    assert_eq!(lines.len(), 3, ".control:\n{text}");
-    for (name, img) in chains {
-        let line = lines
-            .iter()
-            .find(|l| l.name == name)
-            .unwrap_or_else(|| panic!("no .control line for {name}:\n{text}"));
-        let size = virtual_size(img).to_string();
-        assert_eq!(line.get("state"), Some("idle"), "{}", line.raw);
-        assert_eq!(line.get("offset"), Some("0"), "{}", line.raw);
-        assert_eq!(line.get("len"), Some(size.as_str()), "{}", line.raw);
-    }
-    m.umount();
-}
-
 /// Two leaves over one shared base (a golden image), both copying-on-read at once: each
 /// file shows its own chain, both leaves stay consistent, the base is never written.
 #[test]
@@ -1309,264 +913,9 @@ fn two_chains_sharing_a_base() {
     );
 }
 
-/// Mount point and image directories with spaces (escaped as \040 in mountinfo).
-#[test]
-fn paths_with_spaces() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image_with_backing(&s.subdir("dir with space"), "vm.qcow2");
-    let reference = raw_reference(&img);
-    let m = s
-        .mount_cmd()
-        .at(s.subdir("mount point"))
-        .image(&img)
-        .run()
-        .unwrap_or_else(|f| panic!("{f}"));
-    assert_bytes_eq("vm.raw", &read_file(&m.file("vm.raw")), &reference);
-    m.umount();
-    qemu_img_check(&img);
-}
-
-/// `--log-file PATH -v` writes a log; `--allow-other` shows in the mount options.
-#[test]
-fn log_file_and_allow_other() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image(s.path(), "opt.qcow2");
-    let log = s.join("daemon.log");
-    let m = s.mount(&[&img], &["--allow-other", "--log-file", ps(&log), "-v"]);
-    let info = mountinfo_line(m.path()).expect("mountinfo line");
-    assert!(info.contains("allow_other"), "{info}");
-    assert_eq!(read_file(&m.file("opt.raw")).len() as u64, 16 * MIB);
-    m.umount();
-    let text = fs::read_to_string(&log).expect("log file written");
-    assert!(!text.trim().is_empty(), "log file {log:?} is empty with -v");
-}
-
-#[test]
-fn control_exists_for_a_single_chain() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image(s.path(), "solo.qcow2");
-    let m = s.mount(&[&img], &[]);
-    let lines = m.control_lines();
-    assert_eq!(lines.len(), 1);
-    assert_eq!(lines[0].name, "solo.raw");
-    assert_eq!(lines[0].get("state"), Some("idle"));
-    assert_eq!(lines[0].get("offset"), Some("0"));
-    assert_eq!(lines[0].get("len"), Some((16 * MIB).to_string().as_str()));
-    m.umount();
-}
-
-#[test]
-fn mount_rejects_bad_names() {
-    require_fuse!();
-    let s = Scratch::new();
-    let a = valid_image(&s.subdir("a"), "vm1.qcow2");
-    let b = valid_image(&s.subdir("b"), "vm1.qcow2");
-    let c = valid_image(&s.subdir("c"), "other.qcow2");
-    // Same default name from two directories.
-    assert_mount_fails(s.mount_cmd().image(&a).image(&b), &["vm1.raw"]);
-    // Same explicit name twice.
-    assert_mount_fails(s.mount_cmd().named("x", &a).named("x", &c), &["x"]);
-    // Explicit name equal to another chain's default name.
-    assert_mount_fails(s.mount_cmd().image(&a).named("vm1.raw", &c), &["vm1.raw"]);
-    // A name with a slash, and the reserved name.
-    assert_mount_fails(s.mount_cmd().named("sub/disk", &a), &["sub/disk"]);
-    // ... even when `NAME=IMAGE` also happens to spell an existing relative path
-    // (`sub/disk=vm1.qcow2` in cwd): the argument is NAME `sub/disk`, IMAGE `vm1.qcow2`.
-    fs::copy(&a, s.join("vm1.qcow2")).unwrap();
-    fs::copy(&a, s.subdir("sub").join("disk=vm1.qcow2")).unwrap();
-    assert_mount_fails(
-        s.mount_cmd().cwd(s.path()).image("sub/disk=vm1.qcow2"),
-        &["sub/disk"],
-    );
-    assert_mount_fails(s.mount_cmd().named(".control", &a), &[".control"]);
-}
-
 // ---------------------------------------------------------------------------------------------
-// 6. Clean exit
+// 4. The fixtures
 // ---------------------------------------------------------------------------------------------
-
-/// Mounts a three-layer chain with copy-on-read, reads it all (so the daemon writes the
-/// leaf), ends the mount with `end`, then checks the leaf is consistent and unchanged.
-fn clean_exit(end: impl FnOnce(Mount)) {
-    let s = Scratch::new();
-    let chain = three_layers(&s);
-    let reference = raw_reference(&chain.top);
-    let m = s.mount(&[&chain.top], &[]);
-    assert_bytes_eq("top.raw", &read_file(&m.file("top.raw")), &reference);
-    end(m);
-    qemu_img_check(&chain.top);
-    assert_bytes_eq("leaf after exit", &raw_reference(&chain.top), &reference);
-}
-
-#[test]
-fn exit_after_streamfs_umount() {
-    require_fuse!();
-    clean_exit(|m| m.umount());
-}
-
-#[test]
-fn exit_after_system_umount() {
-    require_fuse!();
-    clean_exit(|m| m.system_umount());
-}
-
-#[test]
-fn exit_after_sigterm() {
-    require_fuse!();
-    clean_exit(|m| m.terminate(libc::SIGTERM));
-}
-
-#[test]
-fn exit_after_sigint() {
-    require_fuse!();
-    clean_exit(|m| m.terminate(libc::SIGINT));
-}
-
-/// SIGTERM while a file on the mount is still open: the daemon must still unmount and exit
-/// within a few seconds, and the leaf (written by copy-on-read) must be consistent.
-#[test]
-fn exit_after_sigterm_with_open_file() {
-    require_fuse!();
-    let s = Scratch::new();
-    let chain = three_layers(&s);
-    let reference: Arc<[u8]> = raw_reference(&chain.top).into();
-    let m = s.mount(&[&chain.top], &[]);
-    let path = m.file("top.raw");
-    let file = with_timeout("open", IO_TIMEOUT, move || File::open(path)).unwrap();
-    let file = Arc::new(file);
-    let (f, r) = (file.clone(), reference.clone());
-    with_timeout("pread", IO_TIMEOUT, move || {
-        check_pread(&f, &r, 3 * MIB, 2 * MIB as usize)
-    })
-    .unwrap();
-    m.terminate(libc::SIGTERM);
-    // The open descriptor now fails (or gives data) but must not hang.
-    let f = file.clone();
-    let _ = with_timeout("pread after exit", IO_TIMEOUT, move || {
-        let mut buf = vec![0u8; 4096];
-        std::os::unix::fs::FileExt::read_at(&*f, &mut buf, 0)
-    });
-    drop(file);
-    qemu_img_check(&chain.top);
-    assert_bytes_eq("leaf after SIGTERM", &raw_reference(&chain.top), &reference);
-}
-
-/// The pid xattr names the live daemon, which is the streamfs binary.
-#[test]
-fn pid_xattr_names_the_daemon() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image(s.path(), "p.qcow2");
-    let m = s.mount(&[&img], &["--read-only"]);
-    let pid = read_pid_xattr(m.path()).expect("user.streamfs.pid");
-    assert!(is_alive(pid), "pid {pid} from the xattr is not running");
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-    assert_eq!(exe, fs::canonicalize(streamfs_bin()).unwrap());
-    m.umount();
-    assert!(!is_alive(pid));
-}
-
-/// `mount` detaches from the caller: it exits and its stdout/stderr reach EOF (the daemon
-/// does not keep the caller's pipes open, so `$(streamfs mount ...)` returns).
-#[test]
-fn mount_releases_callers_stdio() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image(s.path(), "io.qcow2");
-    let mp = s.new_mountpoint();
-    let mut child = spawn_retrying(
-        Command::new(streamfs_bin())
-            .args(["mount", "--read-only", ps(&mp), ps(&img)])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
-    let exited = wait_until(|| child.try_wait().unwrap().is_some(), MOUNT_TIMEOUT);
-    if !exited {
-        let _ = child.kill();
-    }
-    let status = child.wait().unwrap();
-    // Adopt the mount (if any) first so it is cleaned up whatever happens next.
-    let m = is_mounted(&mp).then(|| Mount::adopt(&mp));
-    assert!(
-        exited && status.success(),
-        "mount exited={exited} status={status}"
-    );
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    with_timeout(
-        "EOF on mount's stdout/stderr",
-        Duration::from_secs(5),
-        move || {
-            use std::io::Read;
-            let mut sink = Vec::new();
-            out.read_to_end(&mut sink).unwrap();
-            err.read_to_end(&mut sink).unwrap();
-        },
-    );
-    m.expect("mounted").umount();
-}
-
-/// `--foreground` stays attached: the mount is live while the process runs, the xattr names
-/// that very process, and SIGTERM ends it with exit 0 and the mount gone.
-#[test]
-fn foreground_stays_attached() {
-    require_fuse!();
-    let s = Scratch::new();
-    let img = valid_image(s.path(), "fg.qcow2");
-    let reference = raw_reference(&img);
-    let mp = s.new_mountpoint();
-    let log = s.join("fg.log");
-    let mut cmd = Command::new(streamfs_bin());
-    cmd.args([
-        "mount",
-        "--foreground",
-        "--log-file",
-        ps(&log),
-        ps(&mp),
-        ps(&img),
-    ]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = spawn_retrying(&mut cmd);
-    let live = wait_until(|| is_mounted(&mp), MOUNT_TIMEOUT);
-    if !live {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("--foreground mount did not become live within {MOUNT_TIMEOUT:?}");
-    }
-    let m = Mount::adopt(&mp);
-    assert_eq!(
-        m.pid(),
-        child.id() as i32,
-        "xattr pid vs foreground process"
-    );
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "--foreground process exited"
-    );
-    assert_bytes_eq("fg.raw", &read_file(&m.file("fg.raw")), &reference);
-    m.signal(libc::SIGTERM);
-    let exited = wait_until(|| child.try_wait().unwrap().is_some(), EXIT_TIMEOUT);
-    let status = if exited {
-        child.wait().unwrap()
-    } else {
-        Default::default()
-    };
-    assert!(
-        exited,
-        "--foreground process still running {EXIT_TIMEOUT:?} after SIGTERM"
-    );
-    assert!(
-        status.success(),
-        "--foreground exit status after SIGTERM: {status}"
-    );
-    m.assert_gone(EXIT_TIMEOUT);
-    qemu_img_check(&img);
-}
 
 /// The fixtures themselves (no FUSE needed): every chain builds, passes `qemu-img check`,
 /// and really contains what its case is about (compressed clusters, zero clusters, ...),

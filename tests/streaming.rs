@@ -8,9 +8,7 @@
 mod common;
 
 use common::*;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 // Leaves are inspected while mounted. streamfs locks them as QEMU locks a running VM's
-// disk, so these look as one looks at a live VM's disk, with -U (they shadow common's).
+// disk, so these look as one looks at a live VM's disk, with -U (they shadow common's; common's compare uses -U itself).
 fn qemu_img_info(image: &Path) -> serde_json::Value {
     let out = qemu_img(&[
         "info",
@@ -31,26 +29,6 @@ fn qemu_img_info(image: &Path) -> serde_json::Value {
         ps(image),
     ]);
     serde_json::from_str(&out).expect("qemu-img info json")
-}
-
-fn assert_identical_to_raw(what: &str, image: &Path, raw: &Path) {
-    let out = qemu_img_output(&[
-        "compare",
-        "-U",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        ps(image),
-        ps(raw),
-    ]);
-    assert!(
-        out.status.success(),
-        "{what}: qemu-img compare {image:?} {raw:?} -> {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn check_status_leaf_only(image: &Path) -> (i32, String) {
@@ -75,65 +53,12 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 // Chains
 // ---------------------------------------------------------------------------------------------
 
-/// A backing chain made for a test.
-struct Chain {
-    /// The leaf (what gets mounted).
-    top: PathBuf,
-    /// The backing images, nearest first.
-    backing: Vec<PathBuf>,
-    /// The chain's flattened contents (per qemu-img) ...
-    reference: Vec<u8>,
-    /// ... and the same as a raw file, for `qemu-img compare`.
-    ref_raw: PathBuf,
-}
-
-impl Chain {
-    fn name(&self) -> String {
-        default_name(&self.top)
-    }
-    fn size(&self) -> u64 {
-        self.reference.len() as u64
-    }
-    /// `qemu-img compare` finds the chain identical to the reference.
-    fn assert_compare(&self) {
-        assert_identical_to_raw("chain vs reference", &self.top, &self.ref_raw);
-    }
-}
-
-/// A qcow2 image of `size` bytes filled with incompressible random data.
-fn random_qcow2(path: &Path, size: u64, seed: u64) -> PathBuf {
-    let raw = path.with_file_name(format!(
-        ".{}.src.raw",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    create_raw_from(&raw, &random_bytes(seed, size as usize));
-    Qcow2::new().convert_from(&raw, path, false);
-    fs::remove_file(&raw).unwrap();
-    path.to_path_buf()
-}
-
 /// The name to store in `image` so that `backing` resolves from `image`'s directory.
 fn rel_name(backing: &Path, image: &Path) -> String {
     if backing.parent() == image.parent() {
         backing.file_name().unwrap().to_string_lossy().into_owned()
     } else {
         ps(backing).to_string()
-    }
-}
-
-/// Records the reference contents of `top`'s chain (also as `<dir>/<stem>.ref.raw`).
-fn finish_chain(top: PathBuf, backing: Vec<PathBuf>) -> Chain {
-    let reference = raw_reference(&top);
-    let ref_raw = top.with_file_name(format!(
-        "{}.ref.raw",
-        top.file_stem().unwrap().to_string_lossy()
-    ));
-    create_raw_from(&ref_raw, &reference);
-    Chain {
-        top,
-        backing,
-        reference,
-        ref_raw,
     }
 }
 
@@ -162,7 +87,7 @@ fn two_layer(dir: &Path, stem: &str, size: u64, seed: u64, holes: bool) -> Chain
             &format!("write -z {} 64k", size - 2 * MIB),
         ],
     );
-    finish_chain(top, vec![base])
+    Chain::new(top, vec![base]).with_reference()
 }
 
 /// base <- mid1 <- mid2 <- top, each layer overriding parts of the ones below (zero
@@ -209,7 +134,7 @@ fn four_deep(dir: &Path, base_dir: &Path, size: u64, seed: u64) -> Chain {
             &format!("write -P 0x34 {} 64k", size - 64 * KIB),
         ],
     );
-    finish_chain(top, vec![mid2, mid1, base])
+    Chain::new(top, vec![mid2, mid1, base]).with_reference()
 }
 
 /// `target` relative to directory `from` (both absolute, no symlink games).
@@ -269,218 +194,6 @@ fn leaf_extents(image: &Path) -> Vec<std::ops::Range<u64>> {
             .filter(|e| e.depth == 0 && (e.data || e.zero))
             .map(|e| e.start..e.start + e.length),
     )
-}
-
-// ---------------------------------------------------------------------------------------------
-// The control file
-// ---------------------------------------------------------------------------------------------
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
-
-fn errno_name(e: i32) -> String {
-    let name = match e {
-        libc::EINVAL => "EINVAL",
-        libc::ENOENT => "ENOENT",
-        libc::EBUSY => "EBUSY",
-        libc::ESRCH => "ESRCH",
-        libc::EROFS => "EROFS",
-        libc::EIO => "EIO",
-        _ => "",
-    };
-    format!("{name}({e}: {})", std::io::Error::from_raw_os_error(e))
-}
-
-/// Writes `bytes` in one write() to `.control` opened O_WRONLY|O_TRUNC (like the shell's
-/// `echo ... > .control`). Ok, or the errno of the failed write (the open must succeed).
-fn ctl_raw(m: &Mount, bytes: &[u8]) -> Result<(), i32> {
-    let path = cpath(&m.control());
-    let bytes = bytes.to_vec();
-    with_timeout(".control write", IO_TIMEOUT, move || unsafe {
-        let fd = libc::open(
-            path.as_ptr(),
-            libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
-        );
-        assert!(
-            fd >= 0,
-            "open .control O_WRONLY|O_TRUNC failed: {}",
-            std::io::Error::last_os_error()
-        );
-        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
-        let r = if n < 0 {
-            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-        } else {
-            assert_eq!(n as usize, bytes.len(), "short write to .control");
-            Ok(())
-        };
-        libc::close(fd);
-        r
-    })
-}
-
-/// Like [`ctl_raw`] with `cmd\n`.
-fn ctl(m: &Mount, cmd: &str) -> Result<(), i32> {
-    ctl_raw(m, format!("{cmd}\n").as_bytes())
-}
-
-/// Opens `.control` O_RDWR, writes `bytes` in one write(), then read()s the answer on the
-/// same descriptor (the file position is then past the command). Returns the write result
-/// and the answer.
-fn ctl_answer_raw(m: &Mount, bytes: &[u8]) -> (Result<(), i32>, String) {
-    let path = cpath(&m.control());
-    let bytes = bytes.to_vec();
-    with_timeout(".control write+read", IO_TIMEOUT, move || unsafe {
-        let fd = libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        assert!(
-            fd >= 0,
-            "open .control O_RDWR failed: {}",
-            std::io::Error::last_os_error()
-        );
-        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
-        let r = if n < 0 {
-            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-        } else {
-            assert_eq!(n as usize, bytes.len(), "short write to .control");
-            Ok(())
-        };
-        let mut buf = vec![0u8; 8192];
-        let mut got = Vec::new();
-        loop {
-            let k = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
-            assert!(
-                k >= 0,
-                "read of the answer failed: {}",
-                std::io::Error::last_os_error()
-            );
-            if k == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..k as usize]);
-        }
-        libc::close(fd);
-        (r, String::from_utf8_lossy(&got).into_owned())
-    })
-}
-
-fn ctl_answer(m: &Mount, cmd: &str) -> (Result<(), i32>, String) {
-    ctl_answer_raw(m, format!("{cmd}\n").as_bytes())
-}
-
-/// Sends `cmd` (O_RDWR), asserting the write succeeds and the answer is `ok\n`.
-fn ctl_ok(m: &Mount, cmd: &str) {
-    let (r, answer) = ctl_answer(m, cmd);
-    assert!(
-        r.is_ok(),
-        "{cmd:?} failed with {} (answer {answer:?}); status:\n{}",
-        errno_name(r.unwrap_err()),
-        m.read_control()
-    );
-    assert_eq!(answer, "ok\n", "answer to {cmd:?}");
-}
-
-/// Asserts `cmd` fails with `errno`, both via O_WRONLY|O_TRUNC and via O_RDWR, and that
-/// the answer read back on the O_RDWR descriptor is one `error: REASON` line.
-fn ctl_fails_raw(m: &Mount, bytes: &[u8], errno: i32) {
-    let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-    match ctl_raw(m, bytes) {
-        Ok(()) => panic!(
-            "{shown:?} (O_WRONLY|O_TRUNC) succeeded, want {}",
-            errno_name(errno)
-        ),
-        Err(e) => assert_eq!(
-            e,
-            errno,
-            "{shown:?} (O_WRONLY|O_TRUNC) failed with {}, want {}",
-            errno_name(e),
-            errno_name(errno)
-        ),
-    }
-    let (r, answer) = ctl_answer_raw(m, bytes);
-    match r {
-        Ok(()) => panic!("{shown:?} (O_RDWR) succeeded, want {}", errno_name(errno)),
-        Err(e) => assert_eq!(
-            e,
-            errno,
-            "{shown:?} (O_RDWR) failed with {}, want {}",
-            errno_name(e),
-            errno_name(errno)
-        ),
-    }
-    assert!(
-        answer.starts_with("error: ") && answer.ends_with('\n') && answer.len() > 8,
-        "answer to failed {shown:?}: {answer:?}"
-    );
-    assert_eq!(
-        answer.lines().count(),
-        1,
-        "answer to failed {shown:?}: {answer:?}"
-    );
-}
-
-fn ctl_fails(m: &Mount, cmd: &str, errno: i32) {
-    ctl_fails_raw(m, format!("{cmd}\n").as_bytes(), errno)
-}
-
-/// The status line of `name` (panics if missing).
-fn job(m: &Mount, name: &str) -> ControlLine {
-    let text = m.read_control();
-    parse_control(&text)
-        .into_iter()
-        .find(|l| l.name == name)
-        .unwrap_or_else(|| panic!("no line for {name:?} in .control:\n{text}"))
-}
-
-/// A numeric field of a status line.
-fn num(l: &ControlLine, key: &str) -> u64 {
-    l.get(key)
-        .unwrap_or_else(|| panic!("no {key}= in {:?}", l.raw))
-        .parse()
-        .unwrap_or_else(|e| panic!("{key}= in {:?}: {e}", l.raw))
-}
-
-fn state(l: &ControlLine) -> &str {
-    l.get("state")
-        .unwrap_or_else(|| panic!("no state= in {:?}", l.raw))
-}
-
-/// Polls `name`'s status until `pred` holds; panics with the last line after `timeout`.
-fn wait_job(
-    m: &Mount,
-    name: &str,
-    timeout: Duration,
-    what: &str,
-    mut pred: impl FnMut(&ControlLine) -> bool,
-) -> ControlLine {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let l = job(m, name);
-        if pred(&l) {
-            return l;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "{name}: not {what} after {timeout:?}; last status: {}",
-                l.raw
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits for the job on `name` to end (state not running/paused) and returns the line.
-fn wait_end(m: &Mount, name: &str, timeout: Duration) -> ControlLine {
-    wait_job(m, name, timeout, "finished", |l| {
-        !matches!(state(l), "running" | "paused")
-    })
-}
-
-/// Waits for `completed` (panics if the job ends otherwise), checks offset == len.
-fn wait_completed(m: &Mount, name: &str, timeout: Duration) -> ControlLine {
-    let l = wait_end(m, name, timeout);
-    assert_eq!(state(&l), "completed", "job did not complete: {}", l.raw);
-    assert_eq!(num(&l, "offset"), num(&l, "len"), "completed: {}", l.raw);
-    l
 }
 
 /// Runs the streamfs CLI.
@@ -574,8 +287,14 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
     for b in &c.backing {
         fs::remove_file(b).unwrap();
     }
-    assert_mount_reads(&m, &name, &c.reference);
-    check_random_preads(&m.file(&name), c.reference.clone().into(), 64 * KIB, 200, 7);
+    assert_mount_reads(&m, &name, c.reference());
+    check_random_preads(
+        &m.file(&name),
+        c.reference().to_vec().into(),
+        64 * KIB,
+        200,
+        7,
+    );
     c.assert_compare();
     qemu_io(&[
         "-r",
@@ -603,7 +322,7 @@ fn full_stream_removes_backing_and_backing_files_can_go() {
     // And it mounts alone.
     let m = s.mount(&[&c.top], &["--read-only"]);
     assert_eq!(num(&job(&m, &name), "layers"), 1);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
 }
 
@@ -659,7 +378,7 @@ fn stream_keeping_base(s: &Scratch, c: &Chain, base_arg: &str) {
     for mid in &c.backing[..c.backing.len() - 1] {
         fs::remove_file(mid).unwrap();
     }
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
 
     let (code, out) = check_status_leaf_only(&c.top);
@@ -682,7 +401,7 @@ fn stream_keeping_base(s: &Scratch, c: &Chain, base_arg: &str) {
         "chain after stream: {v:#}"
     );
     let m = s.mount(&[&c.top], &["--read-only"]);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
 }
 
@@ -736,7 +455,7 @@ fn range_stream_allocates_only_that_range() {
         "range stream dropped layers: {}",
         done.raw
     );
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     // A second range, with K suffixes.
     ctl_ok(&m, &format!("start {name} offset=20480K length=1024K"));
     let done = wait_completed(&m, &name, STREAM_TIMEOUT);
@@ -840,13 +559,13 @@ fn stream_with_raw_base_keeps_its_format() {
         .backing_name("mid.qcow2", "qcow2")
         .create(&s.join("top.qcow2"));
     write_pattern(&top, 0x55, 4 * MIB, 64 * KIB);
-    let c = finish_chain(top, vec![mid, base.clone()]);
+    let c = Chain::new(top, vec![mid, base.clone()]).with_reference();
     let m = s.mount(&[&c.top], &[]);
     ctl_ok(&m, &format!("start {} base=base.img", c.name()));
     let done = wait_completed(&m, &c.name(), STREAM_TIMEOUT);
     assert_eq!(num(&done, "layers"), 2, "{}", done.raw);
     fs::remove_file(&c.backing[0]).unwrap();
-    assert_mount_reads(&m, &c.name(), &c.reference);
+    assert_mount_reads(&m, &c.name(), c.reference());
     m.umount();
     let info = qemu_img_info(&c.top);
     assert_eq!(
@@ -910,7 +629,7 @@ fn cancel_then_restart_continues_without_recopying() {
         later.raw
     );
     assert_eq!(state(&later), "cancelled", "{}", later.raw);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     ctl_fails(&m, &format!("cancel {name}"), libc::ESRCH);
 
     // Restart: completes, copying only what the first job did not.
@@ -927,7 +646,7 @@ fn cancel_then_restart_continues_without_recopying() {
         "first + second job copies != bytes the leaf lacked (recopied or skipped?)"
     );
     assert_eq!(num(&done, "layers"), 1, "{}", done.raw);
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
     assert_fully_streamed(&c);
 }
@@ -982,7 +701,7 @@ fn pause_resume_and_speed_zero() {
         t.elapsed(),
         done.raw
     );
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
     assert_no_backing(&c.top);
     c.assert_compare();
@@ -1277,7 +996,7 @@ fn control_errors_have_their_errno() {
     assert_eq!(state(&job(&m, &name)), "cancelled");
 
     // Still healthy: the disk reads correctly and a job can run to the end.
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     ctl_ok(&m, &format!("start {name}"));
     wait_completed(&m, &name, STREAM_TIMEOUT);
     ctl_fails(&m, &format!("pause {name}"), libc::ESRCH);
@@ -1451,7 +1170,7 @@ fn writes_during_streams_are_never_lost() {
     let (stop, h) = spawn_guest_io(
         &m,
         &fast.name(),
-        fast.reference.clone(),
+        fast.reference().to_vec(),
         seed,
         20,
         Duration::ZERO,
@@ -1466,7 +1185,7 @@ fn writes_during_streams_are_never_lost() {
     let (stop, h) = spawn_guest_io(
         &m2,
         &slow.name(),
-        slow.reference.clone(),
+        slow.reference().to_vec(),
         seed + 1,
         20,
         PACE,
@@ -1491,7 +1210,7 @@ fn writes_during_streams_are_never_lost() {
     let (stop, h) = spawn_guest_io(
         &m3,
         &deep.name(),
-        deep.reference.clone(),
+        deep.reference().to_vec(),
         seed + 3,
         20,
         PACE,
@@ -1555,7 +1274,7 @@ fn kill_9_during_stream_then_remount_and_finish() {
 
     ctl_ok(&m, &format!("start {name} speed=4M"));
     // The guest writes (each synced) while the stream runs.
-    let (stop, h) = spawn_guest_io(&m, &name, c.reference.clone(), seed, 30, PACE);
+    let (stop, h) = spawn_guest_io(&m, &name, c.reference().to_vec(), seed, 30, PACE);
     let l = wait_job(&m, &name, Duration::from_secs(20), "copying", |l| {
         num(l, "copied") > 0
     });
@@ -1708,10 +1427,10 @@ fn unreadable_backing_fails_the_job_then_resumes() {
     assert_bytes_eq(
         "leaf's own data",
         &own,
-        &c.reference[MIB as usize..2 * MIB as usize],
+        &c.reference()[MIB as usize..2 * MIB as usize],
     );
     let early = pread_mount(&f, 0, 64 * KIB as usize).expect("read of streamed data");
-    assert_bytes_eq("streamed data", &early, &c.reference[..64 * KIB as usize]);
+    assert_bytes_eq("streamed data", &early, &c.reference()[..64 * KIB as usize]);
 
     // Restore the base in place; a new start resumes and completes.
     let fh = OpenOptions::new().write(true).open(&base).unwrap();
@@ -1735,7 +1454,7 @@ fn unreadable_backing_fails_the_job_then_resumes() {
         "restart recopied everything: {}",
         done.raw
     );
-    assert_mount_reads(&m, &name, &c.reference);
+    assert_mount_reads(&m, &name, c.reference());
     m.umount();
     assert_fully_streamed(&c);
 }
@@ -1782,8 +1501,8 @@ fn two_chains_stream_at_once() {
     ctl_ok(&m, &format!("resume {}", a.name()));
     ctl_ok(&m, &format!("speed {} 0", a.name()));
     wait_completed(&m, &a.name(), STREAM_TIMEOUT);
-    assert_mount_reads(&m, &a.name(), &a.reference);
-    assert_mount_reads(&m, &b.name(), &b.reference);
+    assert_mount_reads(&m, &a.name(), a.reference());
+    assert_mount_reads(&m, &b.name(), b.reference());
     m.umount();
     for c in [&a, &b] {
         assert_fully_streamed(c);
@@ -1938,8 +1657,8 @@ fn mount_stream_completes_by_itself() {
         let l = wait_completed(&m, &c.name(), STREAM_TIMEOUT);
         assert_eq!(num(&l, "layers"), 1, "{}", l.raw);
     }
-    assert_mount_reads(&m, &a.name(), &a.reference);
-    assert_mount_reads(&m, &b.name(), &b.reference);
+    assert_mount_reads(&m, &a.name(), a.reference());
+    assert_mount_reads(&m, &b.name(), b.reference());
     m.umount();
     for c in [&a, &b] {
         assert_fully_streamed(c);
