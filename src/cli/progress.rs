@@ -1,6 +1,6 @@
 //! Progress display for `status --watch` and `start --wait`: an indicatif bar per disk,
-//! redrawn in place on a terminal; plain lines (on change, at most every few seconds)
-//! when the output is not a terminal, so logs stay readable.
+//! redrawn in place when stdout is a terminal; plain lines (on change, at most every few
+//! seconds) when it is not, so logs stay readable.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -69,11 +69,11 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Bars on stderr when it is a terminal (stdout keeps the final result).
+    /// Bars redrawn in place when stdout is a terminal; plain lines otherwise.
     pub fn new() -> Progress {
-        let multi = std::io::stderr()
+        let multi = std::io::stdout()
             .is_terminal()
-            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
         Progress {
             multi,
             bars: BTreeMap::new(),
@@ -94,7 +94,7 @@ impl Progress {
                 }
             };
             if due {
-                eprintln!("{line}");
+                println!("{line}");
                 self.plain.insert(name.to_string(), (line, Instant::now()));
             }
             return;
