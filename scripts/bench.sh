@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: streamfs vs qemu-storage-daemon (qsd) FUSE export vs a plain file.
 #
-#   scripts/bench.sh [read|cor|write|stream|all]      (default: all)
+#   scripts/bench.sh [read|cor|write|stream|sched|all]      (default: all)
 #
 # Environment knobs:
 #   BENCH_SIZE_MB (1024)   virtual size of the test chains
@@ -10,6 +10,15 @@
 #   BENCH_REPEAT  (3)      runs per target in the cold cor and stream measurements (median shown)
 #   BENCH_STREAM_TIMEOUT (300) seconds before a stream job counts as hung
 #   BENCH_LAT_TIMEOUT (120) the same for the stream under guest load
+#   sched section (streaming next to other guests and processes; see section_sched):
+#   BENCH_SCHED_IDLE (5)   seconds of fio alone before each stream starts
+#   BENCH_SCHED_RUNS (5)   repeated own-guest (B5) runs
+#   BENCH_SCHED_COLD_MB (max(BENCH_SIZE_MB, 1024)) size of the neighbour guest's chain A
+#   BENCH_SCHED_CHAINS (50), BENCH_SCHED_SMALL_MB (max(16, BENCH_SIZE_MB/25)),
+#   BENCH_SCHED_TOTAL_MB (200), BENCH_SCHED_MAX_JOBS (8)   the many-chains run
+#   BENCH_SCHED_SCALE_GB (1024) virtual size of the sparse chain holding BENCH_SIZE_MB of data
+#   BENCH_SCHED_TIMEOUT (max(BENCH_STREAM_TIMEOUT, 2 * BENCH_SIZE_MB / 4 + 60)) per stream
+#   BENCH_NO_WAIT=1        don't wait for running cargo builds before measuring
 #   BENCH_DIR     (/var/tmp) where the temp dir goes (must not be tmpfs)
 #   BENCH_RESULTS (scripts/bench-results.txt) tables are appended here
 #   BENCH_NO_BUILD=1       don't run `cargo build --release` first
@@ -32,9 +41,9 @@ RESULTS=${BENCH_RESULTS:-$ROOT/scripts/bench-results.txt}
 QMP="$ROOT/scripts/qmp.py"
 
 case $SECTION in
-read | cor | write | stream | all) ;;
+read | cor | write | stream | sched | all) ;;
 *)
-    echo "usage: $0 [read|cor|write|stream|all]" >&2
+    echo "usage: $0 [read|cor|write|stream|sched|all]" >&2
     exit 2
     ;;
 esac
@@ -58,10 +67,13 @@ FSTYPE=$(df --output=fstype "$WORK" | tail -1)
 
 QSD_PIDS=()
 MOUNTS=()
+BG_PIDS=() # background fio runs
 cleanup() {
     set +e
     local p m
     [[ -z $NOISE_PID ]] || kill "$NOISE_PID" 2>/dev/null
+    for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${BG_PIDS[@]}"; do reap "$p" 10; done
     for p in "${QSD_PIDS[@]}"; do kill "$p" 2>/dev/null; done
     for p in "${QSD_PIDS[@]}"; do reap "$p" 10; done
     for m in "${MOUNTS[@]}"; do
@@ -95,6 +107,8 @@ reap() {
 now() { date +%s.%N; }
 secs() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
 calc() { awk "BEGIN { printf \"%s\", $* }"; }
+# later T S: epoch T plus S seconds, in full (calc's %s would print 1.79617e+09)
+later() { awk -v t="$1" -v s="$2" 'BEGIN { printf "%.3f\n", t + s }'; }
 # ratio A B [fmt]: A/B, or "-" when either is missing
 ratio() {
     [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] || { echo -; return; }
@@ -137,6 +151,7 @@ warm() { cat "$@" >/dev/null; }
 # wait until no compiler is running (benchmarks are noisy otherwise)
 quiet_machine() {
     local n=0
+    [[ ${BENCH_NO_WAIT:-0} != 1 ]] || return 0
     while pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; do
         ((n == 0)) && log "waiting for running cargo builds/tests to finish before measuring..."
         ((n++ < 120)) || { log "WARNING: builds still running, measuring anyway"; return; }
@@ -206,6 +221,7 @@ qsd_start() {
         ;;
     esac
     QSD_FILE="$WORK/$id.exp"
+    unstale "$QSD_FILE"
     : >"$QSD_FILE"
     args+=(--export "type=fuse,id=e,node-name=$node,mountpoint=$QSD_FILE,writable=$writable$ioexp")
     echo "qemu-storage-daemon ${args[*]}" >>"$WORK/commands.log"
@@ -213,13 +229,21 @@ qsd_start() {
     QSD_PID=$!
     QSD_PIDS+=("$QSD_PID")
     for ((n = 0; n < 100; n++)); do
-        findmnt -rn --mountpoint "$QSD_FILE" >/dev/null && return 0
         kill -0 "$QSD_PID" 2>/dev/null || break
+        findmnt -rn --mountpoint "$QSD_FILE" >/dev/null && return 0
         sleep 0.1
     done
     log "qsd $id did not come up:"
     cat "$WORK/$id.qsd.log" >&2
     return 1
+}
+# unstale FILE: lazily unmount a dead FUSE export left on FILE (a qsd that exited without
+# unmounting leaves ENOTCONN there, and findmnt would take it for a live export)
+unstale() {
+    if findmnt -rn --mountpoint "$1" >/dev/null; then
+        log "WARNING: $1 was still mounted (a previous qsd left it); umount -l"
+        umount -l "$1" 2>/dev/null || true
+    fi
 }
 # qsd_diag: where the threads of a stuck qsd wait (for the report)
 qsd_diag() {
@@ -232,6 +256,8 @@ qsd_diag() {
 qsd_stop() {
     kill "$QSD_PID" 2>/dev/null || true
     reap "$QSD_PID" 60
+    QSD_LEFT=$(findmnt -rn -o TARGET | grep -F "$WORK/" | grep '\.exp$' || true)
+    [[ -z $QSD_LEFT ]] || log "WARNING: qsd $QSD_PID exited leaving its export mounted: $QSD_LEFT"
 }
 
 # ---------------------------------------------------------------- streamfs helpers
@@ -244,15 +270,16 @@ build_streamfs() {
     fi
     [[ -x $SFS ]] || { SFS_STATE=broken; SFS_WHY="no binary $SFS"; }
 }
-# sfs_mount MNT NAME IMAGE [mount options...]
+# sfs_mount MNT NAME IMAGE [mount options...]; more chains: SFS_MORE=(NAME=IMAGE ...)
+SFS_MORE=()
 sfs_mount() {
     local mnt=$1 name=$2 img=$3
     shift 3
     [[ $SFS_STATE != broken ]] || return 1
     mkdir -p "$mnt"
     MOUNTS+=("$mnt")
-    echo "$SFS mount --log-file $mnt.log $* $mnt $name=$img" >>"$WORK/commands.log"
-    if ! timeout -k 5 60 "$SFS" mount --log-file "$mnt.log" "$@" "$mnt" "$name=$img" >"$mnt.out" 2>&1 ||
+    echo "$SFS mount --log-file $mnt.log $* $mnt $name=$img ${SFS_MORE[*]}" >>"$WORK/commands.log"
+    if ! timeout -k 5 60 "$SFS" mount --log-file "$mnt.log" "$@" "$mnt" "$name=$img" "${SFS_MORE[@]}" >"$mnt.out" 2>&1 ||
         [[ ! -e $mnt/$name ]]; then
         SFS_WHY="mount failed: $(tail -c 300 "$mnt.out" | tr '\n' ' ')"
         log "streamfs $SFS_WHY"
@@ -730,7 +757,7 @@ section_stream() {
         fi
         if [[ -f $w/lat_clat.1.log ]]; then
             # skip the first second (cold start) of the idle window
-            LAT[$k]="$(lat_window "$w/lat_clat.1.log" "$(calc "$fstart + 1")" "$s0") $(lat_window "$w/lat_clat.1.log" "$s0" "$s1")"
+            LAT[$k]="$(lat_window "$w/lat_clat.1.log" "$(later "$fstart" 1)" "$s0") $(lat_window "$w/lat_clat.1.log" "$s0" "$s1")"
             if ((ok)); then LAT[$k]+=" $(secs "$(calc "$s1 - $s0")")"; else LAT[$k]+=" $how"; fi
         fi
         log "  $k: idle p50 p99 n / during p50 p99 n / stream s = ${LAT[$k]}"
@@ -769,6 +796,415 @@ section_stream() {
     flush_table
 }
 
+# ================================================================ sched
+# Streaming as a neighbour: the idle policies (--idle=host, the default, and --idle=disk,
+# the behaviour before the scheduler) next to qsd's block-stream in the same situations.
+SCHED_PY="$ROOT/scripts/bench-sched.py"
+SCHED_IDLE=${BENCH_SCHED_IDLE:-5}
+SCHED_RUNS=${BENCH_SCHED_RUNS:-5}
+SCHED_MIN_MB=4 # streamfs's default --min-speed
+SCHED_TIMEOUT=${BENCH_SCHED_TIMEOUT:-$((2 * SIZE_MB / SCHED_MIN_MB + 60 > STREAM_TIMEOUT ? 2 * SIZE_MB / SCHED_MIN_MB + 60 : STREAM_TIMEOUT))}
+SCHED_LAT=(--rw=randread --bs=4k --direct=1 --ioengine=psync --iodepth=1 --runtime=3600 --time_based
+    --log_avg_msec=0 --log_unix_epoch=1)
+
+sfs_pid() { python3 "$SCHED_PY" pid "$1" 2>/dev/null || echo -; }
+# read_bytes PID: bytes PID made the storage layer fetch (page cache hits don't count)
+read_bytes() { awk '$1 == "read_bytes:" { print $2 }' "/proc/$1/io" 2>/dev/null || echo -; }
+vm_hwm_mib() { awk '$1 == "VmHWM:" { printf "%.0f\n", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo -; }
+
+# qsd_pair ID TOP_A TOP_B: one qsd, chains A and B (nodes qa, qb), two read-only FUSE exports
+# and a QMP socket. Sets QSD_PID, QSD_FILE_A, QSD_FILE_B, QSD_SOCK.
+qsd_pair() {
+    local id=$1 n
+    QSD_SOCK="$WORK/$id.qmp" QSD_FILE_A="$WORK/$id.a.exp" QSD_FILE_B="$WORK/$id.b.exp"
+    unstale "$QSD_FILE_A"
+    unstale "$QSD_FILE_B"
+    : >"$QSD_FILE_A"
+    : >"$QSD_FILE_B"
+    local args=(--blockdev "driver=file,node-name=fa,filename=$2" --blockdev "driver=qcow2,node-name=qa,file=fa"
+        --blockdev "driver=file,node-name=fb,filename=$3" --blockdev "driver=qcow2,node-name=qb,file=fb"
+        --chardev "socket,id=qmp,path=$QSD_SOCK,server=on,wait=off" --monitor chardev=qmp
+        --export "type=fuse,id=ea,node-name=qa,mountpoint=$QSD_FILE_A,writable=off"
+        --export "type=fuse,id=eb,node-name=qb,mountpoint=$QSD_FILE_B,writable=off")
+    echo "qemu-storage-daemon ${args[*]}" >>"$WORK/commands.log"
+    qemu-storage-daemon "${args[@]}" >"$WORK/$id.qsd.log" 2>&1 &
+    QSD_PID=$!
+    QSD_PIDS+=("$QSD_PID")
+    for ((n = 0; n < 100; n++)); do
+        kill -0 "$QSD_PID" 2>/dev/null || break
+        findmnt -rn --mountpoint "$QSD_FILE_A" >/dev/null && findmnt -rn --mountpoint "$QSD_FILE_B" >/dev/null && return 0
+        sleep 0.1
+    done
+    log "qsd $id did not come up:"
+    cat "$WORK/$id.qsd.log" >&2
+    return 1
+}
+
+# sched_stream sfs MNT NAME | qsd SOCK NODE | cp SRC DST: one bounded whole-chain stream (cp: cp + fsync).
+# Sets SS_T0 SS_T1 (epoch s) and returns 0 on success; SS_HOW=failed|timeout otherwise.
+sched_stream() {
+    local kind=$1 r
+    SS_T0=$(now) SS_T1="" SS_HOW=failed
+    case $kind in
+    sfs)
+        if STREAM_TIMEOUT=$SCHED_TIMEOUT sfs_stream "$2" "$3"; then
+            SS_T0=$STREAM_T0 SS_T1=$STREAM_T1
+            return 0
+        fi
+        ;;
+    qsd)
+        if r=$(timeout -k 5 $((SCHED_TIMEOUT + 10)) "$QMP" "$2" stream "$3" --timeout "$SCHED_TIMEOUT"); then
+            SS_T0=${r#start=} SS_T0=${SS_T0%% *}
+            SS_T1=${r#*end=} SS_T1=${SS_T1%% *}
+            return 0
+        fi
+        qsd_diag
+        ;;
+    cp)
+        echo "cp $2 $3 && sync $3" >>"$WORK/commands.log"
+        if timeout -k 5 "$SCHED_TIMEOUT" cp "$2" "$3" && timeout -k 5 "$SCHED_TIMEOUT" sync "$3"; then
+            SS_T1=$(now)
+            rm -f "$3"
+            return 0
+        fi
+        rm -f "$3"
+        ;;
+    esac
+    SS_T1=$(now)
+    (($(calc "($SS_T1 - $SS_T0 >= $SCHED_TIMEOUT - 1)"))) && SS_HOW=timeout
+    return 1
+}
+
+# sched_lat FILE SIZE WARM PID STREAM-ARGS...: fio 4k random reads (QD1, O_DIRECT) on FILE
+# (SIZE bytes), SCHED_IDLE s alone, then during `sched_stream STREAM-ARGS` (bounded).
+# WARM: a file to read into the page cache after dropping caches, or - (caches dropped
+# right before fio starts). PID: the process serving FILE, for its storage reads over the
+# idle window (- for none). Sets LATR to
+#   "idle_p50 idle_p99 idle_n during_p50 during_p99 during_n stream_s|failed|timeout kib_per_read"
+sched_lat() {
+    local file=$1 fsize=$2 warmf=$3 pid=$4 w=$WORK fpid fstart s0 io0=- io1=- n_all kib=-
+    shift 4
+    rm -f "$w"/slat_*.log "$w/slat.json"
+    drop_caches
+    [[ $warmf = - ]] || warm "$warmf"
+    echo "fio --filename=$file ${FIO_COMMON[*]} --size=$fsize ${SCHED_LAT[*]} --write_lat_log=$w/slat" >>"$WORK/commands.log"
+    fstart=$(now)
+    [[ $pid = - ]] || io0=$(read_bytes "$pid")
+    timeout -k 5 $((SCHED_TIMEOUT + SCHED_IDLE + 120)) fio --filename="$file" "${FIO_COMMON[@]}" --size="$fsize" \
+        --output="$w/slat.json" "${SCHED_LAT[@]}" --write_lat_log="$w/slat" >>"$WORK/fio.log" 2>&1 &
+    fpid=$!
+    BG_PIDS+=("$fpid")
+    sleep "$SCHED_IDLE"
+    [[ $pid = - ]] || io1=$(read_bytes "$pid")
+    s0=$(now)
+    local res=ok
+    sched_stream "$@" || res=$SS_HOW
+    sleep 0.5
+    kill -INT "$fpid" 2>/dev/null || true
+    reap "$fpid" 30
+    if [[ ! -f $w/slat_clat.1.log ]]; then
+        log "  no fio latency log for $file (fio.log tail:)"
+        tail -3 "$WORK/fio.log" >&2
+        LATR="- - 0 - - 0 $res -"
+        return
+    fi
+    n_all=$(lat_window "$w/slat_clat.1.log" "$fstart" "$s0" | awk '{print $3}')
+    [[ $io0 = - || $io1 = - || $n_all = 0 ]] || kib=$(calc "sprintf(\"%.1f\", ($io1 - $io0) / 1024 / $n_all)")
+    [[ $res != ok ]] || res=$(secs "$(calc "$SS_T1 - $SS_T0")")
+    # skip the first second (cold start) of the idle window
+    LATR="$(lat_window "$w/slat_clat.1.log" "$(later "$fstart" 1)" "$s0") $(lat_window "$w/slat_clat.1.log" "$SS_T0" "$SS_T1") $res $kib"
+}
+
+SCHED_KEYS=(host disk qsd)
+sched_label() {
+    case $1 in
+    host) echo "streamfs --idle=host" ;;
+    disk) echo "streamfs --idle=disk" ;;
+    qsd) echo "qsd block-stream" ;;
+    cp) echo "cp base.qcow2 + fsync" ;;
+    esac
+}
+
+section_sched() {
+    prep_base
+    local w=$WORK k v a label run
+    local cold_mb=${BENCH_SCHED_COLD_MB:-$((SIZE_MB > 1024 ? SIZE_MB : 1024))}
+    local cold=$((cold_mb * 1024 * 1024))
+    if [[ ! -f $w/baseA.qcow2 ]]; then
+        log "sched: making chain A's ${cold_mb} MiB random base baseA.qcow2 (its own file: B's stream must not warm it)"
+        dd if=/dev/urandom of="$w/baseA.raw" bs=1M count="$cold_mb" status=none
+        qemu-img convert -f raw -O qcow2 "$w/baseA.raw" "$w/baseA.qcow2"
+        rm -f "$w/baseA.raw"
+        sync
+    fi
+    quiet_machine
+    noise_start
+    log "sched: per-stream timeout ${SCHED_TIMEOUT}s"
+
+    # ---- B10: neighbour guest. Chains A and B in one mount / one qsd; fio on A, stream B.
+    declare -A B10
+    local mnt=$w/m-nb F pid
+    for v in warm cold; do
+        for k in "${SCHED_KEYS[@]}"; do
+            B10[$v.$k]="- - 0 - - 0 failed -"
+            rm -f "$w/leafA.qcow2" "$w/leafB.qcow2"
+            new_leaf "$w/leafA.qcow2" baseA.qcow2
+            new_leaf "$w/leafB.qcow2" base.qcow2
+            local warmf=-
+            [[ $v = warm ]] && warmf=$w/baseA.qcow2
+            log "sched B10 neighbour guest ($v A): $k"
+            if [[ $k = qsd ]]; then
+                qsd_pair qsd-nb "$w/leafA.qcow2" "$w/leafB.qcow2" || continue
+                sched_lat "$QSD_FILE_A" "$cold" "$warmf" "$QSD_PID" qsd "$QSD_SOCK" qb
+                qsd_stop
+            else
+                SFS_MORE=("b.raw=$w/leafB.qcow2")
+                sfs_mount "$mnt" a.raw "$w/leafA.qcow2" --no-copy-on-read --idle="$k" || { SFS_MORE=(); continue; }
+                SFS_MORE=()
+                sched_lat "$mnt/a.raw" "$cold" "$warmf" "$(sfs_pid "$mnt")" sfs "$mnt" b.raw
+                sfs_umount "$mnt" || true
+            fi
+            B10[$v.$k]=$LATR
+            log "  idle p50 p99 n / during p50 p99 n / stream s / KiB read per fio read = $LATR"
+        done
+    done
+    rm -f "$w/leafA.qcow2" "$w/leafB.qcow2"
+    out "== sched B10: neighbour guest. fio ${SCHED_LAT[*]:0:5} on chain A (${cold_mb} MiB) while an unthrottled full stream runs on chain B (${SIZE_MB} MiB) =="
+    out "   streamfs: one mount 'a.raw=leafA b.raw=leafB' --no-copy-on-read --idle=POLICY, echo start b.raw > .control;"
+    out "   qsd: one daemon, two read-only FUSE exports, QMP block-stream on B's node. Latencies in us; ${SCHED_IDLE}s idle (first second skipped), then during the stream."
+    out "   warm: caches dropped, then A's base read into the page cache (B's stream reads from disk)."
+    out "   cold: caches dropped right before fio; A has its own base file (B's stream never warms it), and fio's random map"
+    out "   reads every 4 KiB block at most once per pass, so reads miss the page cache until 'n' passes $((cold / 4096)) blocks."
+    out "   'KiB/read': storage bytes the serving daemon read per fio read in the idle window (/proc/PID/io read_bytes; >= 4 means misses)."
+    out "$(row target 'idle p50' 'idle p99' 'during p50' 'during p99' 'p99 x idle' 'goal 1.5x' 'stream s' 'B MiB/s' 'n idle/during' 'KiB/read')"
+    for v in warm cold; do
+        for k in "${SCHED_KEYS[@]}"; do
+            read -r -a a <<<"${B10[$v.$k]}"
+            local r99 goal=- mbs=-
+            r99=$(ratio "${a[4]}" "${a[1]}")
+            [[ $r99 = - ]] || goal=$(awk -v r="$r99" 'BEGIN { print (r <= 1.5) ? "ok" : "MISSED" }')
+            [[ ${a[6]} =~ ^[0-9.]+$ ]] && mbs=$(calc "sprintf(\"%.0f\", $SIZE_MB / ${a[6]})")
+            out "$(row "$(sched_label "$k"), $v A" "${a[0]}" "${a[1]}" "${a[3]}" "${a[4]}" "$r99" "$goal" "${a[6]}" "$mbs" "${a[2]}/${a[5]}" "${a[7]}")"
+        done
+    done
+    flush_table
+
+    # ---- B11: neighbour process. fio on a plain file on the same disk while a stream runs.
+    declare -A B11
+    mnt=$w/m-np
+    for k in "${SCHED_KEYS[@]}" cp; do
+        B11[$k]="- - 0 - - 0 failed -"
+        rm -f "$w/leaf.qcow2"
+        new_leaf "$w/leaf.qcow2" base.qcow2
+        log "sched B11 neighbour process: $k"
+        case $k in
+        qsd)
+            qsd_start qsd-np "$w/leaf.qcow2" ro qmp || continue
+            sched_lat "$w/base.raw" "$SIZE" - - qsd "$QSD_SOCK" q
+            qsd_stop
+            ;;
+        cp) sched_lat "$w/base.raw" "$SIZE" - - cp "$w/base.qcow2" "$w/copy.qcow2" ;;
+        *)
+            sfs_mount "$mnt" vm.raw "$w/leaf.qcow2" --idle="$k" || continue
+            sched_lat "$w/base.raw" "$SIZE" - - sfs "$mnt" vm.raw
+            sfs_umount "$mnt" || true
+            ;;
+        esac
+        B11[$k]=$LATR
+        log "  idle p50 p99 n / during p50 p99 n / stream s = ${LATR% *}"
+    done
+    rm -f "$w/leaf.qcow2"
+    out "== sched B11: neighbour process. fio ${SCHED_LAT[*]:0:5} on a plain file (base.raw, same disk, not through FUSE) during a full stream of ${SIZE_MB} MiB =="
+    out "   caches dropped before each run (the stream reads from disk); streamfs: one chain, default --min-speed ${SCHED_MIN_MB}M; the stream must not fall below it"
+    out "$(row target 'idle p50' 'idle p99' 'during p50' 'during p99' 'p99 x idle' 'stream s' 'MiB/s' ">= ${SCHED_MIN_MB} MiB/s")"
+    for k in "${SCHED_KEYS[@]}" cp; do
+        read -r -a a <<<"${B11[$k]}"
+        local mbs=- minok=-
+        if [[ ${a[6]} =~ ^[0-9.]+$ ]]; then
+            mbs=$(calc "sprintf(\"%.0f\", $SIZE_MB / ${a[6]})")
+            minok=$(awk -v s="${a[6]}" -v m="$SIZE_MB" -v f="$SCHED_MIN_MB" 'BEGIN { print (m / s >= f) ? "yes" : "NO" }')
+        else
+            minok="NO (${a[6]})"
+        fi
+        out "$(row "$(sched_label "$k")" "${a[0]}" "${a[1]}" "${a[3]}" "${a[4]}" "$(ratio "${a[4]}" "${a[1]}")" "${a[6]}" "$mbs" "$minok")"
+    done
+    flush_table
+
+    # ---- B5: own guest, SCHED_RUNS repeated runs (section_stream's latency measurement).
+    declare -A B5
+    mnt=$w/m-og
+    for k in "${SCHED_KEYS[@]}"; do B5[$k]=""; done
+    for ((run = 1; run <= SCHED_RUNS; run++)); do
+        for k in "${SCHED_KEYS[@]}"; do
+            LATR="- - 0 - - 0 failed -"
+            rm -f "$w/leaf.qcow2"
+            new_leaf "$w/leaf.qcow2" base.qcow2
+            log "sched B5 own guest (run $run/$SCHED_RUNS): $k"
+            if [[ $k = qsd ]]; then
+                if qsd_start "qsd-og$run" "$w/leaf.qcow2" ro qmp; then
+                    sched_lat "$QSD_FILE" "$SIZE" - - qsd "$QSD_SOCK" q
+                    qsd_stop
+                fi
+            elif sfs_mount "$mnt" vm.raw "$w/leaf.qcow2" --no-copy-on-read --idle="$k"; then
+                sched_lat "$mnt/vm.raw" "$SIZE" - - sfs "$mnt" vm.raw
+                sfs_umount "$mnt" || true
+            fi
+            read -r -a a <<<"$LATR"
+            B5[$k]+=" ${a[1]}:${a[4]}:${a[6]}"
+            log "  idle p99 ${a[1]} us, during p99 ${a[4]} us, stream ${a[6]} s"
+        done
+    done
+    rm -f "$w/leaf.qcow2"
+    out "== sched B5: own guest. fio ${SCHED_LAT[*]:0:5} on the streamed disk itself during its unthrottled full stream (${SIZE_MB} MiB), ${SCHED_RUNS} runs =="
+    out "   as section stream: streamfs --no-copy-on-read, qsd read-only export; caches dropped; per run: p99 during / p99 idle (stream s)"
+    local hdr=(target)
+    for ((run = 1; run <= SCHED_RUNS; run++)); do hdr+=("run $run"); done
+    out "$(row "${hdr[@]}" 'median x' 'idle p99' 'during p99')"
+    for k in "${SCHED_KEYS[@]}"; do
+        local cells=() rs=() ip=() dp=() e
+        for e in ${B5[$k]}; do
+            IFS=: read -r i d s <<<"$e"
+            local r
+            r=$(ratio "$d" "$i")
+            cells+=("$r($s)")
+            [[ $r = - ]] || rs+=("$r")
+            [[ $i = - ]] || ip+=("$i")
+            [[ $d = - ]] || dp+=("$d")
+        done
+        out "$(row "$(sched_label "$k")" "${cells[@]}" "$(median "${rs[@]}")" "$(median "${ip[@]}")" "$(median "${dp[@]}")")"
+    done
+    flush_table
+
+    # ---- many small chains in one mount under --total-speed / --max-jobs
+    local nch=${BENCH_SCHED_CHAINS:-50} small_mb=${BENCH_SCHED_SMALL_MB:-$((SIZE_MB / 25 > 16 ? SIZE_MB / 25 : 16))}
+    local tot_mb=${BENCH_SCHED_TOTAL_MB:-200} maxj=${BENCH_SCHED_MAX_JOBS:-8} i res=""
+    mnt=$w/m-many
+    log "sched many: $nch chains of ${small_mb} MiB, --total-speed ${tot_mb}M --max-jobs $maxj"
+    mkdir -p "$w/many"
+    head -c $((small_mb * 1024 * 1024)) "$w/base.raw" >"$w/many/sbase.raw"
+    qemu-img convert -f raw -O qcow2 "$w/many/sbase.raw" "$w/many/sbase.qcow2"
+    rm -f "$w/many/sbase.raw"
+    SFS_MORE=()
+    for ((i = 1; i < nch; i++)); do
+        new_leaf "$w/many/c$(printf %02d "$i").qcow2" sbase.qcow2
+        SFS_MORE+=("c$(printf %02d "$i").raw=$w/many/c$(printf %02d "$i").qcow2")
+    done
+    new_leaf "$w/many/c00.qcow2" sbase.qcow2
+    drop_caches
+    if sfs_mount "$mnt" c00.raw "$w/many/c00.qcow2" --total-speed "${tot_mb}M" --max-jobs "$maxj"; then
+        SFS_MORE=()
+        local tmo=$((nch * small_mb / (tot_mb / 2 > 1 ? tot_mb / 2 : 1) + SCHED_TIMEOUT))
+        echo "python3 $SCHED_PY fifty $mnt $nch $tmo $((small_mb * 1024 * 1024)) $((tot_mb * 1024 * 1024))" >>"$WORK/commands.log"
+        res=$(timeout -k 5 $((tmo + 30)) python3 "$SCHED_PY" fifty "$mnt" "$nch" "$tmo" $((small_mb * 1024 * 1024)) \
+            $((tot_mb * 1024 * 1024))) || log "sched many: the driver failed"
+        log "  $res"
+        sfs_umount "$mnt" || true
+    fi
+    SFS_MORE=()
+    rm -rf "$w/many"
+    declare -A M=()
+    for e in $res; do M[${e%%=*}]=${e#*=}; done
+    local within=-
+    [[ -n ${M[rate]:-} ]] && within=$(awk -v r="${M[rate]}" -v t="$tot_mb" 'BEGIN { d = (r - t) / t * 100; printf "%+.1f%% %s\n", d, (d <= 5 && d >= -5) ? "ok" : "MISSED" }')
+    out "== sched many: $nch chains of ${small_mb} MiB (one shared dense base) in one mount, --total-speed ${tot_mb}M --max-jobs $maxj, caches dropped =="
+    out "   'start cNN.raw' written to .control in order c00..c$((nch - 1)); .control polled every 20 ms, .events followed (scripts/bench-sched.py fifty)"
+    out "   rate = sum of copied / (first start .. last completed event); steady = between 10% and 90% of the bytes"
+    out "$(row 'wall s' 'rate MiB/s' 'vs cap' 'steady MiB/s' 'completed' 'max running' 'started ord' 'dequeue ord' 'completion inv')"
+    out "$(printf '%-34s' "${M[wall]:--}") $(printf ' %12s' "${M[rate]:--}" "$within" "${M[steady]:--}" "${M[completed]:--}/$nch" \
+        "${M[peak_running]:--}/$maxj" "${M[started_order]:--}" "${M[dequeue_order]:--}" "${M[completion_inv]:--}")"
+    out "   ${M[queued]:-?} jobs seen queued, they left the queue at ${M[dequeue_polls]:-?} distinct polls (of ${M[polls]:-?}); dequeue ord = in start order (ties within a poll allowed)"
+    flush_table
+
+    # ---- scale: a huge sparse chain holding SIZE_MB of scattered data vs the dense chain
+    local vgb=${BENCH_SCHED_SCALE_GB:-1024}
+    log "sched scale: ${vgb} GiB virtual chain with ${SIZE_MB} MiB of scattered extents (qemu-io)"
+    qemu-img create -q -f qcow2 "$w/sparse-base.qcow2" "${vgb}G"
+    local cmds=() line
+    while read -r line; do cmds+=(-c "$line"); done < <(python3 "$SCHED_PY" extents $((vgb * 1024 * 1024 * 1024)) "$SIZE" 1)
+    timeout -k 5 $((SCHED_TIMEOUT * 2)) qemu-io -f qcow2 "${cmds[@]}" "$w/sparse-base.qcow2" >/dev/null ||
+        log "WARNING: qemu-io writing the sparse base failed"
+    local n_ext=$((${#cmds[@]} / 2))
+    sync
+    declare -A SC
+    local c t0 t1 mt st hwm ok
+    for c in dense sparse; do
+        local bimg=base.qcow2
+        [[ $c = sparse ]] && bimg=sparse-base.qcow2
+        for k in sfs qsd convert; do
+            SC[$c.$k]="- - - - -"
+            rm -f "$w/leaf.qcow2" "$w/conv.qcow2"
+            new_leaf "$w/leaf.qcow2" "$bimg"
+            log "sched scale: $c $k"
+            mt=- st=- hwm=- ok=-
+            drop_caches
+            case $k in
+            sfs)
+                t0=$(now)
+                sfs_mount "$w/m-sc" vm.raw "$w/leaf.qcow2" || continue
+                t1=$(now)
+                mt=$(secs "$(calc "$t1 - $t0")")
+                pid=$(sfs_pid "$w/m-sc")
+                sched_stream sfs "$w/m-sc" vm.raw && st=$(secs "$(calc "$SS_T1 - $SS_T0")")
+                [[ $pid = - ]] || hwm=$(vm_hwm_mib "$pid")
+                sfs_umount "$w/m-sc" || true
+                ;;
+            qsd)
+                t0=$(now)
+                qsd_start qsd-sc "$w/leaf.qcow2" ro qmp || continue
+                t1=$(now)
+                mt=$(secs "$(calc "$t1 - $t0")")
+                sched_stream qsd "$QSD_SOCK" q && st=$(secs "$(calc "$SS_T1 - $SS_T0")")
+                hwm=$(vm_hwm_mib "$QSD_PID")
+                qsd_stop
+                ;;
+            convert)
+                t0=$(now)
+                echo "qemu-img convert -O qcow2 $w/leaf.qcow2 $w/conv.qcow2 && sync" >>"$WORK/commands.log"
+                if timeout -k 5 "$SCHED_TIMEOUT" qemu-img convert -O qcow2 "$w/leaf.qcow2" "$w/conv.qcow2" && sync; then
+                    t1=$(now)
+                    st=$(secs "$(calc "$t1 - $t0")")
+                fi
+                ;;
+            esac
+            if [[ $st != - ]]; then
+                local img=$w/leaf.qcow2
+                [[ $k = convert ]] && img=$w/conv.qcow2
+                if has_backing "$img"; then ok=BACKING-LEFT; else ok=no-backing; fi
+                qemu-img check -q "$img" || ok+=",CHECK-FAILED"
+                ok+=",$(leaf_mib "$img")MiB"
+            fi
+            SC[$c.$k]="$mt $st $hwm $ok"
+            log "  mount s / stream s / peak RSS MiB / leaf: ${SC[$c.$k]}"
+        done
+    done
+    rm -f "$w/leaf.qcow2" "$w/conv.qcow2" "$w/sparse-base.qcow2"
+    out "== sched scale: ${vgb} GiB virtual chain holding ${SIZE_MB} MiB in $n_ext extents of 64 KiB..1 MiB (base, qemu-io), empty leaf; vs the dense ${SIZE_MB} MiB chain =="
+    out "   caches dropped first; mount s = 'streamfs mount' returning / qsd export up; peak RSS = VmHWM after the stream (streamfs pid from xattr user.streamfs.pid)"
+    out "   qemu-img convert -O qcow2 LEAF OUT + sync: the offline copy, as a reference"
+    out "$(row target 'mount s' 'stream s' 'MiB/s' 'x dense' 'peak RSS MiB' 'RSS x dense' 'result')"
+    for k in sfs qsd convert; do
+        case $k in
+        sfs) label="streamfs" ;;
+        qsd) label="qsd block-stream" ;;
+        convert) label="qemu-img convert" ;;
+        esac
+        for c in dense sparse; do
+            read -r -a a <<<"${SC[$c.$k]}"
+            local db mbs=-
+            read -r -a db <<<"${SC[dense.$k]}"
+            [[ ${a[1]} =~ ^[0-9.]+$ ]] && mbs=$(calc "sprintf(\"%.0f\", $SIZE_MB / ${a[1]})")
+            local vname="dense ${SIZE_MB}M"
+            [[ $c = sparse ]] && vname="${vgb}G sparse"
+            out "$(row "$label, $vname" "${a[0]}" "${a[1]}" "$mbs" "$(ratio "${a[1]}" "${db[1]}")" "${a[2]}" "$(ratio "${a[2]}" "${db[2]}")" "${a[3]}")"
+        done
+    done
+    [[ $SFS_STATE = broken ]] && out "   streamfs: n/a ($SFS_WHY)"
+    local NOTE
+    NOTE=$(noise_stop)
+    [[ -z $NOTE ]] || out "$NOTE"
+    flush_table
+}
+
 # ================================================================ main
 header
 build_streamfs
@@ -779,6 +1215,7 @@ all)
     section_cor
     section_write
     section_stream
+    section_sched
     ;;
 *) "section_$SECTION" ;;
 esac
