@@ -16,6 +16,8 @@ use crate::{Error, Result};
 
 /// Stream work waits this long after the last guest request before starting a chunk.
 pub const GUEST_GRACE: Duration = Duration::from_millis(2);
+/// Guest activity this recent keeps stream chunks small.
+const RECENT: Duration = Duration::from_millis(200);
 /// Default guaranteed rate of a job on a host that is never idle.
 pub const DEFAULT_MIN_SPEED: u64 = 4 << 20;
 
@@ -205,6 +207,24 @@ impl Scheduler {
             } else {
                 c.counters.streams.fetch_sub(1, Ordering::AcqRel);
             }
+        }
+    }
+
+    /// Whether the guests that count for policy `idle` did anything in the last 200 ms:
+    /// then stream chunks stay small, so a guest between requests (a queue-depth-one
+    /// reader on a busy CPU leaves gaps longer than the grace) still waits little for
+    /// cluster locks.
+    pub fn guest_recent(&self, index: usize, idle: Idle) -> bool {
+        let recent = |c: &Chain| {
+            let k = &c.counters;
+            let last = k.guest_last_ns.load(Ordering::Relaxed);
+            k.guest_inflight.load(Ordering::Acquire) > 0
+                || last != 0 && c.now_ns().saturating_sub(last) < RECENT.as_nanos() as u64
+        };
+        match idle {
+            Idle::Off => false,
+            Idle::Disk => recent(&self.chains[index]),
+            Idle::Mount | Idle::Host => self.chains.iter().any(|c| recent(c)),
         }
     }
 

@@ -41,7 +41,8 @@ fn work(job: &Job, layers: &Layers) -> Result<(), String> {
         if let Some(why) = source.iter().find_map(|l| l.replaced()) {
             return Err(why);
         }
-        let guest_busy = yield_to_host(job) == Waiting::Guest;
+        let guest_busy =
+            yield_to_host(job) == Waiting::Guest || job.sched.guest_recent(job.index, job.idle);
         let cs = chain.cluster_size();
         let max = if guest_busy { CHUNK_BUSY } else { CHUNK_IDLE };
         let size = job
