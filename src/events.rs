@@ -100,10 +100,6 @@ impl Bus {
         self.wake();
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.inner.lock().closed
-    }
-
     /// Whole lines from `cursor` on, at most `max` bytes.
     pub fn read(&self, cursor: u64, max: usize) -> Read {
         let inner = self.inner.lock();

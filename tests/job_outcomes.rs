@@ -31,27 +31,6 @@ fn mount_with_faults(s: &Scratch, images: &[&Path], faults: &str) -> (Mount, Pat
     (Mount::adopt(&mp), log)
 }
 
-/// Writes `cmd` to `.control` on an O_RDWR descriptor and reads the answer back.
-fn ctl(m: &Mount, cmd: &str) -> (Result<(), i32>, String) {
-    let path = m.control();
-    let cmd = format!("{cmd}\n");
-    with_timeout(".control command", IO_TIMEOUT, move || {
-        let f = open_rw(&path).expect("open .control");
-        let r = f
-            .write_at(cmd.as_bytes(), 0)
-            .map(|_| ())
-            .map_err(|e| e.raw_os_error().unwrap_or(0));
-        let mut buf = vec![0u8; 4096];
-        let n = f.read_at(&mut buf, 0).unwrap_or(0);
-        (r, String::from_utf8_lossy(&buf[..n]).into_owned())
-    })
-}
-
-fn ctl_ok(m: &Mount, cmd: &str) {
-    let (r, answer) = ctl(m, cmd);
-    assert_eq!(r, Ok(()), "{cmd:?}: {answer}");
-}
-
 fn line(m: &Mount, name: &str) -> ControlLine {
     let text = m.read_control();
     parse_control(&text)
@@ -221,7 +200,7 @@ fn pause_and_cancel_that_cannot_stop_in_time_fail_with_etimedout() {
     ctl_ok(&m, "start top.raw");
     let began = Instant::now();
     thread::sleep(Duration::from_millis(300)); // the workers are into the stall
-    let (r, answer) = ctl(&m, "pause top.raw");
+    let (r, answer) = ctl_answer(&m, "pause top.raw");
     assert_eq!(r, Err(libc::ETIMEDOUT), "pause of a stalled job: {answer}");
     assert!(
         answer.contains("timed out") && answer.contains("busy"),
@@ -239,7 +218,7 @@ fn pause_and_cancel_that_cannot_stop_in_time_fail_with_etimedout() {
     let (m, _log) = mount_with_faults(&s, &[&top], "stream-stall:12000");
     ctl_ok(&m, "start top.raw");
     thread::sleep(Duration::from_millis(300));
-    let (r, answer) = ctl(&m, "cancel top.raw");
+    let (r, answer) = ctl_answer(&m, "cancel top.raw");
     assert_eq!(r, Err(libc::ETIMEDOUT), "cancel of a stalled job: {answer}");
     assert_eq!(field(&line(&m, "top.raw"), "state"), "running");
     wait_state(&m, "top.raw", &["cancelled"], Duration::from_secs(30));

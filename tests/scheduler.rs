@@ -12,19 +12,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn ctl(m: &Mount, cmd: &str) -> Result<(), i32> {
-    let f = open_rw(&m.control()).expect("open .control");
-    f.write_at(cmd.as_bytes(), 0)
-        .map(|_| ())
-        .map_err(|e| e.raw_os_error().unwrap_or(0))
-}
-
-fn ctl_ok(m: &Mount, cmd: &str) {
-    if let Err(e) = ctl(m, cmd) {
-        panic!("{cmd:?}: errno {e}; status:\n{}", m.read_control());
-    }
-}
-
 fn field(m: &Mount, name: &str, key: &str) -> String {
     let text = m.read_control();
     let l = parse_control(&text)

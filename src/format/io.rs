@@ -101,7 +101,6 @@ pub fn file_len(file: &File, path: &Path) -> Result<u64> {
 // Block device ioctls (linux/fs.h).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKPBSZGET: libc::c_ulong = 0x127b;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 pub fn is_block_device(file: &File) -> bool {
@@ -109,20 +108,17 @@ pub fn is_block_device(file: &File) -> bool {
         .is_ok_and(|m| m.file_type().is_block_device())
 }
 
-/// A block device's logical and physical block sizes (BLKSSZGET, BLKPBSZGET), for
-/// O_DIRECT-friendly alignment; 512/4096 if it cannot say.
-pub fn block_sizes(file: &File) -> (u64, u64) {
-    let get = |req: libc::c_ulong, default: u64| {
-        let mut v: libc::c_uint = 0;
-        // SAFETY: both ioctls write one unsigned int into `v`.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v) };
-        if r == 0 && v.is_power_of_two() {
-            u64::from(v)
-        } else {
-            default
-        }
-    };
-    (get(BLKSSZGET, 512), get(BLKPBSZGET, 4096))
+/// A block device's logical block size (BLKSSZGET), the unit BLKZEROOUT needs; 512 if
+/// it cannot say.
+pub fn logical_block_size(file: &File) -> u64 {
+    let mut v: libc::c_uint = 0;
+    // SAFETY: BLKSSZGET writes one unsigned int into `v`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut v) };
+    if r == 0 && v.is_power_of_two() {
+        u64::from(v)
+    } else {
+        512
+    }
 }
 
 /// Zeroes [off, off+len) of a block device with BLKZEROOUT (the device may unmap the

@@ -6,8 +6,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::io::{
-    blk_zeroout, block_sizes, file_len, is_block_device, pread_zero_tail, pwrite_all, seek_data,
-    seek_hole, vanished,
+    blk_zeroout, file_len, is_block_device, logical_block_size, pread_zero_tail, pwrite_all,
+    seek_data, seek_hole, vanished,
 };
 use crate::{Error, Result};
 
@@ -29,7 +29,7 @@ impl RawImage {
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
         let size = file_len(&file, path)?;
-        let device_block = is_block_device(&file).then(|| block_sizes(&file).0);
+        let device_block = is_block_device(&file).then(|| logical_block_size(&file));
         Ok(RawImage {
             path: path.to_path_buf(),
             file,

@@ -5,7 +5,7 @@
 //! moved (/proc/self/io), as far as that can tell ours from anybody else's.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ const BUSY_BYTES_PER_SEC: u64 = 2 << 20;
 pub fn devices_for(path: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     if let Ok(m) = std::fs::metadata(path) {
-        let dev = if m.file_type().is_block_device_like() {
+        let dev = if m.file_type().is_block_device() {
             m.rdev()
         } else {
             m.dev()
@@ -33,17 +33,6 @@ pub fn devices_for(path: &Path) -> BTreeSet<String> {
         walk(&sys, &mut out, 0);
     }
     out
-}
-
-trait BlockDeviceLike {
-    fn is_block_device_like(&self) -> bool;
-}
-
-impl BlockDeviceLike for std::fs::FileType {
-    fn is_block_device_like(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        self.is_block_device()
-    }
 }
 
 /// Follows a /sys block device down to the disks it sits on.

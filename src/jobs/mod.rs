@@ -22,7 +22,7 @@ mod worker;
 
 pub use self::job::panic_text;
 pub use self::registry::{Jobs, StartRequest, StatusLine};
-pub use self::scheduler::{Idle, Policy, Waiting, DEFAULT_MIN_SPEED};
+pub use self::scheduler::{Idle, Policy, Waiting};
 pub use self::state::JobState;
 
 /// Errno for cancel/pause/resume/speed when NAME has no active job.

@@ -215,34 +215,33 @@ impl Scheduler {
     /// reader on a busy CPU leaves gaps longer than the grace) still waits little for
     /// cluster locks.
     pub fn guest_recent(&self, index: usize, idle: Idle) -> bool {
-        let recent = |c: &Chain| {
+        self.guests_active(index, idle, RECENT)
+    }
+
+    /// Whether the guests that count for policy `idle` have a request in flight or
+    /// finished one less than `within` ago.
+    fn guests_active(&self, index: usize, idle: Idle, within: Duration) -> bool {
+        let active = |c: &Chain| {
             let k = &c.counters;
             let last = k.guest_last_ns.load(Ordering::Relaxed);
             k.guest_inflight.load(Ordering::Acquire) > 0
-                || last != 0 && c.now_ns().saturating_sub(last) < RECENT.as_nanos() as u64
+                || last != 0 && c.now_ns().saturating_sub(last) < within.as_nanos() as u64
         };
         match idle {
             Idle::Off => false,
-            Idle::Disk => recent(&self.chains[index]),
-            Idle::Mount | Idle::Host => self.chains.iter().any(|c| recent(c)),
+            Idle::Disk => active(&self.chains[index]),
+            Idle::Mount | Idle::Host => self.chains.iter().any(|c| active(c)),
         }
     }
 
     /// Why a job on chain `index` with policy `idle` should not copy right now.
     pub fn holdback(&self, index: usize, idle: Idle) -> Waiting {
-        let guest_busy = |c: &Chain| {
-            let k = &c.counters;
-            let last = k.guest_last_ns.load(Ordering::Relaxed);
-            k.guest_inflight.load(Ordering::Acquire) > 0
-                || last != 0 && c.now_ns().saturating_sub(last) < GUEST_GRACE.as_nanos() as u64
-        };
-        match idle {
-            Idle::Off => Waiting::None,
-            Idle::Disk if guest_busy(&self.chains[index]) => Waiting::Guest,
-            Idle::Disk => Waiting::None,
-            Idle::Mount | Idle::Host if self.chains.iter().any(|c| guest_busy(c)) => Waiting::Guest,
-            Idle::Host if self.host.busy(&self.devices[index]) => Waiting::Host,
-            _ => Waiting::None,
+        if self.guests_active(index, idle, GUEST_GRACE) {
+            Waiting::Guest
+        } else if idle == Idle::Host && self.host.busy(&self.devices[index]) {
+            Waiting::Host
+        } else {
+            Waiting::None
         }
     }
 }

@@ -74,76 +74,88 @@ fn stall_if_injected() {
 /// if the job stopped (cancel or failure) before the end.
 fn copy_range(job: &Job, layers: &Layers, a: u64, b: u64) -> Result<bool, String> {
     let chain = &job.chain;
-    let cs = chain.cluster_size();
     let end = b.min(chain.size());
+    let at = |pos: u64| move |e: crate::Error| format!("at guest offset {pos}: {e}");
     let mut pos = a;
     while pos < end {
         // Pause parks here, so the chunk resumes where it stopped.
         if job.must_stop() && !job.gate() {
             return Ok(false);
         }
-        let (defined, run) = chain
-            .leaf_run(layers, pos, end - pos)
-            .map_err(|e| format!("at guest offset {pos}: {e}"))?;
-        let mut copied = 0;
+        let (defined, run) = chain.leaf_run(layers, pos, end - pos).map_err(at(pos))?;
+        if defined {
+            pos += run;
+            job.advance(a, pos, 0);
+            continue;
+        }
         // Nothing above the base has this range: nothing to copy, no time to book.
-        let (provided, src_run) = if defined {
-            (true, run)
-        } else {
-            chain
-                .source_run(layers, pos, run, job.base)
-                .map_err(|e| format!("at guest offset {pos}: {e}"))?
+        let (provided, run) = chain
+            .source_run(layers, pos, run, job.base)
+            .map_err(at(pos))?;
+        if !provided {
+            pos += run;
+            job.advance(a, pos, 0);
+            continue;
+        }
+        let Some((piece, copied)) = copy_piece(job, layers, pos, run)? else {
+            continue; // paused or stopped while waiting: the gate above decides
         };
-        let run = if defined {
-            run
-        } else if !provided {
-            src_run
-        } else {
-            let run = src_run;
-            // While throttled, copy in admitted pieces of about 1/8 s (but at least one
-            // cluster), so a lower speed or a pause takes effect within one piece.
-            let total = &job.sched.total;
-            let piece = match (job.throttle.speed(), total.speed()) {
-                (0, 0) => run,
-                _ => run.min(
-                    job.throttle
-                        .quantum(cs, PIECE_THROTTLED)
-                        .min(total.quantum(cs, PIECE_THROTTLED))
-                        .div_ceil(cs)
-                        * cs,
-                ),
-            };
-            if !job.throttle.admit(piece, || job.must_stop()) {
-                continue; // paused or stopped while waiting: the gate above decides
-            }
-            // The mount's total cap, shared with every other job that wants it.
-            if total.speed() > 0 {
-                job.set_waiting(Waiting::Total);
-                let admitted = total.admit(piece, || job.must_stop());
-                job.set_waiting(Waiting::None);
-                if !admitted {
-                    job.throttle.refund(piece);
-                    continue;
-                }
-            }
-            // Test-only `stream-skip-copy`: a worker that claims success without copying,
-            // which only the final scan of the leaf can catch.
-            if fault::armed("stream-skip-copy").is_none() {
-                copied = chain
-                    .stream_fill(layers, pos, piece, job.base)
-                    .map_err(|e| format!("at guest offset {pos}: {e}"))?;
-            }
-            job.throttle.refund(piece.saturating_sub(copied));
-            total.refund(piece.saturating_sub(copied));
-            if copied > 0 {
-                job.after_write();
-            }
-            piece
-        };
-        pos += run;
+        pos += piece;
         job.advance(a, pos, copied);
     }
     Ok(true)
+}
+
+/// Copies the start of `run` at `pos` (all of it when unthrottled; while throttled, an
+/// admitted piece of about 1/8 s but at least one cluster, so a lower speed or a pause
+/// takes effect within one piece). Returns (bytes advanced, bytes copied), or None if
+/// the job was paused or stopped while waiting for admission.
+fn copy_piece(
+    job: &Job,
+    layers: &Layers,
+    pos: u64,
+    run: u64,
+) -> Result<Option<(u64, u64)>, String> {
+    let chain = &job.chain;
+    let cs = chain.cluster_size();
+    let total = &job.sched.total;
+    let piece = match (job.throttle.speed(), total.speed()) {
+        (0, 0) => run,
+        _ => run.min(
+            job.throttle
+                .quantum(cs, PIECE_THROTTLED)
+                .min(total.quantum(cs, PIECE_THROTTLED))
+                .div_ceil(cs)
+                * cs,
+        ),
+    };
+    if !job.throttle.admit(piece, || job.must_stop()) {
+        return Ok(None);
+    }
+    // The mount's total cap, shared with every other job that wants it.
+    if total.speed() > 0 {
+        job.set_waiting(Waiting::Total);
+        let admitted = total.admit(piece, || job.must_stop());
+        job.set_waiting(Waiting::None);
+        if !admitted {
+            job.throttle.refund(piece);
+            return Ok(None);
+        }
+    }
+    // Test-only `stream-skip-copy`: a worker that claims success without copying,
+    // which only the final scan of the leaf can catch.
+    let copied = match fault::armed("stream-skip-copy") {
+        Some(_) => 0,
+        None => chain
+            .stream_fill(layers, pos, piece, job.base)
+            .map_err(|e| format!("at guest offset {pos}: {e}"))?,
+    };
+    job.throttle.refund(piece.saturating_sub(copied));
+    total.refund(piece.saturating_sub(copied));
+    if copied > 0 {
+        job.after_write();
+    }
+    Ok(Some((piece, copied)))
 }
 
 /// Waits (bounded) until the job's idle policy says the disk is free: no guest I/O

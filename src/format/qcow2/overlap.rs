@@ -53,7 +53,7 @@ pub struct MetaMap {
 
 impl MetaMap {
     pub fn add(&self, off: u64, kind: Kind) {
-        *self.clusters.write().entry(off).or_insert(0) |= kind as u8;
+        self.add_all([off], kind);
     }
 
     pub fn add_all(&self, offs: impl IntoIterator<Item = u64>, kind: Kind) {
