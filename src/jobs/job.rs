@@ -245,10 +245,15 @@ impl Job {
         }
         drop(inner);
         self.throttle.wake();
-        self.wait_for(
-            |p| p == Phase::Paused || p.is_terminal() || !p.parking(),
-            "pause",
-        )
+        self.wait_for(|p| !p.parking() || p == Phase::Paused, "pause")?;
+        // Superseded while waiting (resumed, cancelled, failed, ended): not paused.
+        match self.inner.lock().phase {
+            Phase::Paused => Ok(()),
+            p => Err(self.refused(&format!(
+                "the job is {} instead of paused",
+                p.shown().as_str()
+            ))),
+        }
     }
 
     pub fn resume(&self) -> Result<()> {
