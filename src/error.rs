@@ -32,6 +32,9 @@ pub enum Error {
         text::escape(msg)
     )]
     InUse { path: PathBuf, msg: String },
+    /// A remote source (NBD export, HTTP object) failed or did not answer in time.
+    #[error("{}: {}", text::escape(uri), text::escape(msg))]
+    Remote { uri: String, msg: String },
     /// Bad usage: arguments, names, mount points.
     #[error("{}", text::escape(.0))]
     Invalid(String),
@@ -63,6 +66,13 @@ impl Error {
         }
     }
 
+    pub fn remote(uri: &str, msg: impl Into<String>) -> Self {
+        Error::Remote {
+            uri: uri.to_string(),
+            msg: msg.into(),
+        }
+    }
+
     pub fn state(errno: i32, msg: impl Into<String>) -> Self {
         Error::State {
             msg: msg.into(),
@@ -79,7 +89,7 @@ impl Error {
                 Some(libc::EROFS) => libc::EROFS,
                 _ => libc::EIO,
             },
-            Error::Corrupt { .. } | Error::Unsupported { .. } => libc::EIO,
+            Error::Corrupt { .. } | Error::Unsupported { .. } | Error::Remote { .. } => libc::EIO,
             Error::InUse { .. } => libc::EBUSY,
             Error::Invalid(_) => libc::EINVAL,
             Error::State { errno, .. } => *errno,

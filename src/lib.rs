@@ -19,6 +19,7 @@ pub mod format;
 pub mod fs;
 pub mod jobs;
 pub mod panic_hook;
+pub mod source;
 pub mod text;
 
 pub use error::{Error, Result};

@@ -1,7 +1,6 @@
 //! Image formats (qcow2, raw): headers, cluster mapping, allocation, positional I/O.
 //! This layer knows nothing of chains: each image answers for its own clusters.
 
-pub mod io;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;

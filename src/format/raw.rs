@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::io::{
+use crate::source::io::{
     blk_zeroout, file_len, is_block_device, logical_block_size, pread_zero_tail, pwrite_all,
     seek_data, seek_hole, vanished,
 };
@@ -120,7 +120,7 @@ impl RawImage {
     }
 
     pub fn sync(&self) -> Result<()> {
-        super::io::fdatasync(&self.file, &self.path)
+        crate::source::io::fdatasync(&self.file, &self.path)
     }
 
     /// Whether [off, off+len) starts with data (true) or a hole (false), and for how long.

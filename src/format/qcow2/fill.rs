@@ -13,7 +13,7 @@ use super::l2::{decode_l1, ClusterState, SubState, COPIED};
 use super::overlap::Kind;
 use super::refcount::RefIo;
 use super::{L2Table, Meta, Qcow2};
-use crate::format::io::{pread_exact, pwrite_all};
+use crate::source::io::{pread_exact, pwrite_all};
 use crate::{Error, Result};
 
 /// What one guest cluster of a batch needs. `old` is its state as the caller saw it

@@ -4,7 +4,7 @@
 //! tested on mutated input. Every field an attacker controls is range-checked before it
 //! sizes an allocation or an offset computation.
 
-use crate::format::io::{be32, be64};
+use crate::source::io::{be32, be64};
 
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 const V2_HEADER_LEN: usize = 72;

@@ -41,10 +41,10 @@ use self::header::{Compression, Header, HeaderError};
 use self::l2::{decode_l1, ClusterState, Geometry, SubState};
 use self::overlap::{overlaps, Kind, MetaMap};
 use self::refcount::{RefIo, RefSnapshot, Refcounts};
-use super::io::{
+use super::Mapping;
+use crate::source::io::{
     fdatasync, file_len, is_block_device, pread_exact, pread_zero_tail, pwrite_all, vanished,
 };
-use super::Mapping;
 use crate::{Error, Result};
 
 /// Bytes of L2 tables kept in the cache (per image), and of decompressed clusters.
