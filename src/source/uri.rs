@@ -286,7 +286,6 @@ mod tests {
             "nbd:unix:",
             "nbd:[::1:5",
             "http://",
-            "https:///x",
             "http://[bad/x",
         ] {
             match parse_remote(name) {
