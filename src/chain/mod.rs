@@ -175,6 +175,13 @@ impl Chain {
         Ok(())
     }
 
+    /// Ends the sessions with remote servers (NBD_CMD_DISC) at unmount.
+    pub fn close_sources(&self) {
+        for l in self.layers().iter() {
+            l.image.source().close();
+        }
+    }
+
     /// Replaces the layer list (after a stream removed backing layers).
     pub fn set_layers(&self, layers: Vec<Arc<Layer>>) {
         *self.layers.write() = Arc::new(Layers::new(layers));

@@ -12,6 +12,8 @@ use parking_lot::RwLock;
 
 use crate::format::lock::{Access, ImageLock};
 use crate::format::{Format, Image};
+use crate::source::uri::{is_remote_name, parse_remote};
+use crate::source::{open_remote, Location, RemoteOptions};
 use crate::{text, Error, Result};
 
 /// How images are opened, beyond what `open_chain`'s arguments say. Process-wide, set by
@@ -27,8 +29,10 @@ pub struct OpenPolicy {
     pub backing_dirs: Vec<PathBuf>,
     /// `--no-remote`: refuse network backings.
     pub no_remote: bool,
-    /// `--allow-remote PREFIX`: network backings that may be opened (once supported).
+    /// `--allow-remote PREFIX`: if given, the only network backings that may be opened.
     pub allow_remote: Vec<String>,
+    /// `--remote-timeout`, `--ca-file`.
+    pub remote: RemoteOptions,
 }
 
 static POLICY: RwLock<OpenPolicy> = parking_lot::const_rwlock(OpenPolicy {
@@ -36,6 +40,10 @@ static POLICY: RwLock<OpenPolicy> = parking_lot::const_rwlock(OpenPolicy {
     backing_dirs: Vec::new(),
     no_remote: false,
     allow_remote: Vec::new(),
+    remote: RemoteOptions {
+        timeout: std::time::Duration::from_secs(30),
+        ca_file: None,
+    },
 });
 
 /// Sets the rules for every later open.
@@ -56,38 +64,44 @@ pub struct Layer {
     pub image: Image,
     /// As named by the image above (or the path given on the command line for the leaf).
     pub name: String,
-    /// Identity of the file when opened, to notice it being removed or replaced.
-    id: (u64, u64),
-    /// QEMU-compatible image locks, held as long as the layer is open.
-    _lock: ImageLock,
+    /// Where the image is: a local path, or the URI of a remote one.
+    pub location: Location,
+    /// Identity of a local file when opened, to notice it being removed or replaced.
+    id: Option<(u64, u64)>,
+    /// QEMU-compatible image locks on a local file, held as long as the layer is open.
+    _lock: Option<ImageLock>,
 }
 
 impl Layer {
-    /// (device, inode) of the file when opened.
-    pub fn file_id(&self) -> (u64, u64) {
+    /// (device, inode) of a local file when opened.
+    pub fn file_id(&self) -> Option<(u64, u64)> {
         self.id
     }
 
     /// Why the file at the layer's path is no longer the one we opened, if it is not.
+    /// (A remote layer reports its own failures on reads.)
     pub fn replaced(&self) -> Option<String> {
+        let id = self.id?;
         let p = self.image.path();
         match std::fs::metadata(p) {
             Err(e) => Some(format!("{} is gone: {e}", text::path(p))),
-            Ok(m) if (m.dev(), m.ino()) != self.id => {
-                Some(format!("{} was replaced", text::path(p)))
-            }
+            Ok(m) if (m.dev(), m.ino()) != id => Some(format!("{} was replaced", text::path(p))),
             Ok(_) => None,
         }
     }
 }
 
 fn open_layer(
-    path: &Path,
+    loc: &Location,
     name: &str,
     format: Option<Format>,
     writable: bool,
     above: Option<&Layer>,
 ) -> Result<Layer> {
+    let path = match loc {
+        Location::File(p) => p,
+        remote => return open_remote_layer(remote, name, format, above),
+    };
     let meta = std::fs::metadata(path).map_err(|e| match above {
         Some(above) => Error::io(
             path,
@@ -125,18 +139,102 @@ fn open_layer(
     Ok(Layer {
         image,
         name: name.to_string(),
-        id,
-        _lock: lock,
+        location: loc.clone(),
+        id: Some(id),
+        _lock: Some(lock),
+    })
+}
+
+/// Why the options refuse the network image `uri` (named `name`), if they do.
+fn remote_refusal(policy: &OpenPolicy, uri: &str, name: &str) -> Option<String> {
+    if policy.no_remote {
+        return Some("and --no-remote refuses network backings".into());
+    }
+    // The URI as resolved; also the name as written, if it is a URI itself.
+    let allowed = |p: &String| {
+        uri.starts_with(p.as_str()) || is_remote_name(name) && name.starts_with(p.as_str())
+    };
+    if !policy.allow_remote.is_empty() && !policy.allow_remote.iter().any(allowed) {
+        return Some(format!(
+            "which matches no --allow-remote prefix ({})",
+            policy.allow_remote.join(", ")
+        ));
+    }
+    None
+}
+
+fn remote_leaf(loc: &Location) -> Error {
+    Error::Invalid(format!(
+        "{}: a remote image cannot be the leaf (it is never written); create a local \
+         qcow2 leaf on top of it: qemu-img create -f qcow2 -b {} -F raw leaf.qcow2",
+        loc.display(),
+        loc.display()
+    ))
+}
+
+/// Opens a backing image on an NBD export or an HTTP object: read-only, never locked
+/// (the server owns it), allowed unless `--no-remote` or an `--allow-remote` list
+/// without a matching prefix refuses it.
+fn open_remote_layer(
+    loc: &Location,
+    name: &str,
+    format: Option<Format>,
+    above: Option<&Layer>,
+) -> Result<Layer> {
+    let Some(above) = above else {
+        return Err(remote_leaf(loc));
+    };
+    let policy = policy();
+    let uri = loc.display();
+    if let Some(why) = remote_refusal(&policy, &uri, name) {
+        return Err(Error::state(
+            libc::EACCES,
+            format!(
+                "{}: backing file '{name}' is the network image {uri}, {why}; refused",
+                above.image.path().display()
+            ),
+        ));
+    }
+    let context = |e: Error| {
+        Error::remote(
+            &uri,
+            format!(
+                "backing file '{name}' of {} cannot be opened: {e}",
+                above.image.path().display()
+            ),
+        )
+    };
+    let src = open_remote(loc, &policy.remote).map_err(context)?;
+    let fmt = match format {
+        Some(f) => f,
+        None => Format::probe_source(&*src).map_err(context)?,
+    };
+    let image = Image::on_source(src, fmt).map_err(context)?;
+    Ok(Layer {
+        image,
+        name: name.to_string(),
+        location: loc.clone(),
+        id: None,
+        _lock: None,
     })
 }
 
 /// Opens `leaf` and its backing images. The leaf is opened read-write unless `read_only`;
 /// backing images are always read-only.
 pub fn open_chain(leaf: &Path, read_only: bool) -> Result<Vec<Arc<Layer>>> {
+    if let Some(Ok(remote)) = leaf.to_str().and_then(parse_remote) {
+        return Err(remote_leaf(&remote));
+    }
     // Absolute (not canonical: symlinks stay as given, as QEMU keeps them), so backing
     // names resolve the same whatever the daemon's working directory.
     let abs = std::path::absolute(leaf).map_err(|e| Error::io(leaf, "resolving the path", e))?;
-    let top = open_layer(&abs, &leaf.display().to_string(), None, !read_only, None)?;
+    let top = open_layer(
+        &Location::File(abs),
+        &leaf.display().to_string(),
+        None,
+        !read_only,
+        None,
+    )?;
     let mut layers = vec![Arc::new(top)];
     extend_chain(&mut layers)?;
     Ok(layers)
@@ -152,14 +250,15 @@ pub fn reopen_backing(leaf: Arc<Layer>) -> Result<Vec<Arc<Layer>>> {
 
 /// Follows backing links from the last layer down to the bottom of the chain.
 fn extend_chain(layers: &mut Vec<Arc<Layer>>) -> Result<()> {
-    let mut seen: HashSet<(u64, u64)> = layers.iter().map(|l| l.id).collect();
+    let mut seen: HashSet<(u64, u64)> = layers.iter().filter_map(|l| l.id).collect();
+    let mut seen_remote: HashSet<String> = HashSet::new();
     loop {
         let last = layers.last().expect("at least the leaf");
         let Some((bname, bfmt)) = last.image.backing() else {
             return Ok(());
         };
         let above = last.image.path();
-        let path = resolve_backing(above, &bname)?;
+        let loc = resolve_location(&last.location, &bname)?;
         if layers.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::unsupported(
                 layers[0].image.path(),
@@ -170,19 +269,23 @@ fn extend_chain(layers: &mut Vec<Arc<Layer>>) -> Result<()> {
             Some(f) => Some(Format::from_name(above, &f)?),
             None => None,
         };
-        if let Ok(m) = std::fs::metadata(&path) {
-            if seen.contains(&(m.dev(), m.ino())) {
-                return Err(Error::corrupt(
-                    &path,
-                    format!(
-                        "backing chain loops back to this image (named '{bname}' by {})",
-                        above.display()
-                    ),
-                ));
+        let looped = match &loc {
+            Location::File(path) => {
+                std::fs::metadata(path).is_ok_and(|m| seen.contains(&(m.dev(), m.ino())))
             }
+            remote => !seen_remote.insert(remote.display()),
+        };
+        if looped {
+            return Err(Error::corrupt(
+                Path::new(&loc.display()),
+                format!(
+                    "backing chain loops back to this image (named '{bname}' by {})",
+                    above.display()
+                ),
+            ));
         }
-        let layer = open_layer(&path, &bname, format, false, Some(last))?;
-        seen.insert(layer.id);
+        let layer = open_layer(&loc, &bname, format, false, Some(last))?;
+        seen.extend(layer.id);
         layers.push(Arc::new(layer));
     }
 }
@@ -251,20 +354,12 @@ fn protocol_refusal(name: &str, proto: &str, policy: &OpenPolicy) -> String {
             "backing file '{name}' uses the protocol '{proto}:', which streamfs does not support"
         ),
     };
-    msg.push_str(" (only local file names)");
+    msg.push_str(" (only local file names and NBD or HTTP(S) URIs)");
     if NETWORK_PROTOCOLS.contains(&proto.to_ascii_lowercase().as_str()) {
         if policy.no_remote {
             msg.push_str("; network backings are refused by --no-remote");
-        } else if let Some(p) = policy
-            .allow_remote
-            .iter()
-            .find(|p| name.starts_with(p.as_str()))
-        {
-            msg.push_str(&format!(
-                "; --allow-remote {p} allows it, but network backings are not implemented yet"
-            ));
-        } else if !policy.allow_remote.is_empty() {
-            msg.push_str("; it matches no --allow-remote prefix");
+        } else {
+            msg.push_str("; of network images, streamfs opens nbd:, nbd://, nbd+unix://, http:// and https:// ones");
         }
     }
     msg
@@ -273,6 +368,48 @@ fn protocol_refusal(name: &str, proto: &str, policy: &OpenPolicy) -> String {
 /// Resolves a backing name relative to the directory of the image that stores it.
 pub fn resolve_backing(image: &Path, name: &str) -> Result<PathBuf> {
     resolve_with(image, name, &policy())
+}
+
+/// Where the backing image `name`, stored in the image at `above`, is, as QEMU resolves
+/// it: a network URI as itself; an absolute path as itself; a relative name against the
+/// directory of a local image or the URL of an HTTP one. A relative name inside an
+/// NBD-served image has no base to resolve against.
+pub fn resolve_location(above: &Location, name: &str) -> Result<Location> {
+    if let Some(remote) = parse_remote(name) {
+        return remote;
+    }
+    match above {
+        Location::File(p) => resolve_backing(p, name).map(Location::File),
+        Location::Http(url) => {
+            if let Some(proto) = protocol(name) {
+                return Err(Error::unsupported(
+                    Path::new(url.as_str()),
+                    protocol_refusal(name, proto, &policy()),
+                ));
+            }
+            if Path::new(name).is_absolute() {
+                return Ok(Location::File(PathBuf::from(name)));
+            }
+            url.join(name).map(Location::Http).map_err(|e| {
+                Error::Invalid(format!(
+                    "{url}: backing file '{name}' does not resolve against the URL: {e}"
+                ))
+            })
+        }
+        Location::Nbd(addr) => {
+            if Path::new(name).is_absolute() && protocol(name).is_none() {
+                return Ok(Location::File(PathBuf::from(name)));
+            }
+            Err(Error::unsupported(
+                Path::new(&addr.uri),
+                format!(
+                    "backing file '{name}' is a relative name inside an NBD-served image: \
+                     Cannot generate a base directory for NBD nodes (store an absolute name \
+                     or a URI)"
+                ),
+            ))
+        }
+    }
 }
 
 fn resolve_with(image: &Path, name: &str, policy: &OpenPolicy) -> Result<PathBuf> {
@@ -352,24 +489,70 @@ mod tests {
     }
 
     #[test]
-    fn remote_options_are_named_in_refusals() {
+    fn remote_options_decide_which_network_backings_open() {
+        let any = OpenPolicy::default();
+        assert_eq!(remote_refusal(&any, "nbd://h/x", "nbd://h/x"), None);
         let deny = OpenPolicy {
             no_remote: true,
             ..OpenPolicy::default()
         };
-        let e = resolve_with(Path::new("/t"), "nbd://h/x", &deny).unwrap_err();
-        assert!(e.to_string().contains("--no-remote"), "{e}");
+        let e = remote_refusal(&deny, "nbd://h/x", "nbd://h/x").unwrap();
+        assert!(e.contains("--no-remote"), "{e}");
         let allow = OpenPolicy {
-            allow_remote: vec!["nbd://h/".into()],
+            allow_remote: vec!["nbd://h/".into(), "https://o/t/".into()],
             ..OpenPolicy::default()
         };
-        let e = resolve_with(Path::new("/t"), "nbd://h/x", &allow).unwrap_err();
-        assert!(e.to_string().contains("--allow-remote nbd://h/"), "{e}");
-        let e = resolve_with(Path::new("/t"), "https://o/x", &allow).unwrap_err();
-        assert!(e.to_string().contains("no --allow-remote"), "{e}");
+        assert_eq!(remote_refusal(&allow, "nbd://h/x", "nbd://h/x"), None);
+        // A relative name inside an HTTP image is judged by the URL it resolves to.
+        assert_eq!(remote_refusal(&allow, "https://o/t/base", "base"), None);
+        let e = remote_refusal(&allow, "https://o/x", "https://o/x").unwrap();
+        assert!(
+            e.contains("no --allow-remote") && e.contains("nbd://h/"),
+            "{e}"
+        );
+        // Other network protocols say what streamfs opens, and what --no-remote does.
+        let e = resolve_with(Path::new("/t"), "ssh://h/x", &deny).unwrap_err();
+        assert!(e.to_string().contains("--no-remote"), "{e}");
+        let e = resolve_with(Path::new("/t"), "ssh://h/x", &any).unwrap_err();
+        assert!(e.to_string().contains("nbd+unix://"), "{e}");
         // Not a network protocol: the options are beside the point.
         let e = resolve_with(Path::new("/t"), "file:x", &deny).unwrap_err();
         assert!(!e.to_string().contains("--no-remote"), "{e}");
+    }
+
+    #[test]
+    fn backing_names_inside_remote_images_resolve_like_qemu() {
+        let http = Location::Http(url::Url::parse("http://s/t/top.qcow2").unwrap());
+        assert_eq!(
+            resolve_location(&http, "base.qcow2").unwrap(),
+            Location::Http(url::Url::parse("http://s/t/base.qcow2").unwrap())
+        );
+        assert_eq!(
+            resolve_location(&http, "/srv/base").unwrap(),
+            Location::File("/srv/base".into())
+        );
+        let Some(Ok(nbd)) = parse_remote("nbd://s/top") else {
+            panic!()
+        };
+        let e = resolve_location(&nbd, "base.qcow2").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Cannot generate a base directory for NBD nodes"),
+            "{e}"
+        );
+        assert!(matches!(
+            resolve_location(&nbd, "nbd+unix:///b?socket=/s").unwrap(),
+            Location::Nbd(_)
+        ));
+        let file = Location::File("/a/top.qcow2".into());
+        assert!(matches!(
+            resolve_location(&file, "http://s/b").unwrap(),
+            Location::Http(_)
+        ));
+        assert_eq!(
+            resolve_location(&file, "b.raw").unwrap(),
+            Location::File("/a/b.raw".into())
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::{chain_status, Chain, Layers};
 use crate::format::{Mapping, Status};
+use crate::source::Location;
 use crate::Result;
 
 impl Chain {
@@ -93,7 +94,11 @@ impl Chain {
             }
             Some(i) => {
                 let b = &layers[i].image;
-                let name = relative_to(b.path(), leaf.path());
+                // A kept remote base is named by its URI, as QEMU names it.
+                let name = match &layers[i].location {
+                    Location::File(p) => relative_to(p, leaf.path()),
+                    remote => remote.display(),
+                };
                 q.set_backing(Some(name), Some(b.format().name().to_string()))?;
                 let mut kept: Vec<Arc<_>> = vec![layers[0].clone()];
                 kept.extend(layers[i..].iter().cloned());

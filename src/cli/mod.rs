@@ -60,10 +60,17 @@ enum Cmd {
         /// Refuse network backing files (nbd:, http:, ...).
         #[arg(long, conflicts_with = "allow_remote")]
         no_remote: bool,
-        /// Network backing files whose name starts with PREFIX may be opened (repeatable;
-        /// network backings are not implemented yet, so this only shapes the refusal).
+        /// Only network backing files whose URI starts with PREFIX may be opened
+        /// (repeatable; without it every nbd:, nbd://, nbd+unix://, http(s):// backing is).
         #[arg(long, value_name = "PREFIX")]
         allow_remote: Vec<String>,
+        /// How long a read of a remote backing may wait for its server in all (reconnects
+        /// included) before it fails with EIO; a stream job then fails.
+        #[arg(long, value_name = "SECS", value_parser = secs_arg, default_value = "30")]
+        remote_timeout: std::time::Duration,
+        /// Extra CA certificates (PEM) for https:// backings, beside the system's roots.
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<PathBuf>,
         /// Do not copy data read from backing images into the leaf.
         #[arg(long)]
         no_copy_on_read: bool,
@@ -186,6 +193,19 @@ fn bytes_arg(s: &str) -> Result<u64, String> {
     parse_bytes(s).map_err(|e| e.to_string())
 }
 
+/// Seconds, fractions allowed ("30", "0.5"); more than 0 and at most a day.
+fn secs_arg(s: &str) -> Result<std::time::Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(v > 0.0 && v <= 86400.0) {
+        return Err(format!(
+            "'{s}': must be more than 0 and at most 86400 seconds"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
+}
+
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
     let level = match verbose {
         0 => "warn",
@@ -218,6 +238,8 @@ pub fn main() -> i32 {
             backing_dir,
             no_remote,
             allow_remote,
+            remote_timeout,
+            ca_file,
             no_copy_on_read,
             allow_other,
             log_file,
@@ -253,6 +275,10 @@ pub fn main() -> i32 {
                 backing_dirs: backing_dir,
                 no_remote,
                 allow_remote,
+                remote: crate::source::RemoteOptions {
+                    timeout: remote_timeout,
+                    ca_file,
+                },
                 copy_on_read: !no_copy_on_read,
                 allow_other,
                 threads,

@@ -39,6 +39,8 @@ pub struct MountOptions {
     pub backing_dirs: Vec<PathBuf>,
     pub no_remote: bool,
     pub allow_remote: Vec<String>,
+    /// `--remote-timeout`, `--ca-file`.
+    pub remote: crate::source::RemoteOptions,
     pub copy_on_read: bool,
     pub allow_other: bool,
     pub threads: usize,
@@ -50,14 +52,16 @@ pub struct MountOptions {
 
 /// Opens the chains and mounts. Returns the process exit code.
 pub fn mount(opts: MountOptions) -> i32 {
-    match prepare(&opts) {
-        Ok((mountpoint, chains)) => {
-            if opts.foreground {
-                serve(&opts, &mountpoint, chains, None)
-            } else {
-                daemonize(&opts, &mountpoint, chains)
+    let prepared = prepare(&opts);
+    match prepared {
+        Ok(mountpoint) if opts.foreground => match open_chains(&opts) {
+            Ok(chains) => serve(&opts, &mountpoint, chains, None),
+            Err(e) => {
+                eprintln!("streamfs: {e}");
+                1
             }
-        }
+        },
+        Ok(mountpoint) => daemonize(&opts, &mountpoint),
         Err(e) => {
             eprintln!("streamfs: {e}");
             1
@@ -65,7 +69,8 @@ pub fn mount(opts: MountOptions) -> i32 {
     }
 }
 
-fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
+/// Checks the arguments and sets the rules for opening images.
+fn prepare(opts: &MountOptions) -> Result<PathBuf> {
     if opts.chains.is_empty() {
         return Err(Error::Invalid("no IMAGE given".into()));
     }
@@ -98,12 +103,23 @@ fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
         }
         backing_dirs.push(real);
     }
+    if let Some(ca) = &opts.remote.ca_file {
+        std::fs::File::open(ca)
+            .map_err(|e| Error::Invalid(format!("--ca-file {}: {e}", ca.display())))?;
+    }
     crate::chain::open::set_policy(crate::chain::open::OpenPolicy {
         force_share: opts.force_share,
         backing_dirs,
         no_remote: opts.no_remote,
         allow_remote: opts.allow_remote.clone(),
+        remote: opts.remote.clone(),
     });
+    Ok(mountpoint)
+}
+
+/// Opens every chain. In the daemon process itself: remote layers keep connections
+/// and threads, which a fork would not carry over.
+fn open_chains(opts: &MountOptions) -> Result<Vec<Arc<Chain>>> {
     let mut chains = Vec::new();
     for (name, image) in &opts.chains {
         let chain = Chain::open(name, image, opts.read_only, opts.copy_on_read)?;
@@ -120,7 +136,7 @@ fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
         for (i, a) in chains.iter().enumerate() {
             let leaf = a.layers()[0].file_id();
             for (j, b) in chains.iter().enumerate() {
-                if i != j && b.layers().iter().any(|l| l.file_id() == leaf) {
+                if i != j && leaf.is_some() && b.layers().iter().any(|l| l.file_id() == leaf) {
                     return Err(Error::Invalid(format!(
                         "the leaf of '{}' ({}) is also part of the chain of '{}'",
                         a.name(),
@@ -131,18 +147,19 @@ fn prepare(opts: &MountOptions) -> Result<(PathBuf, Vec<Arc<Chain>>)> {
             }
         }
     }
-    Ok((mountpoint, chains))
+    Ok(chains)
 }
 
-/// Forks; the parent waits for the child's "ready" (or its error) on a pipe.
-fn daemonize(opts: &MountOptions, mountpoint: &Path, chains: Vec<Arc<Chain>>) -> i32 {
+/// Forks; the child opens the chains and mounts, and the parent waits for its "ready"
+/// (or its error) on a pipe.
+fn daemonize(opts: &MountOptions, mountpoint: &Path) -> i32 {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         eprintln!("streamfs: pipe: {}", std::io::Error::last_os_error());
         return 1;
     }
-    // SAFETY: no other threads exist yet (chains spawn none), so fork is safe.
+    // SAFETY: no other threads exist yet (chains are opened in the child), so fork is safe.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         eprintln!("streamfs: fork: {}", std::io::Error::last_os_error());
@@ -172,11 +189,24 @@ fn daemonize(opts: &MountOptions, mountpoint: &Path, chains: Vec<Arc<Chain>>) ->
     unsafe { libc::close(fds[0]) };
     // SAFETY: fds[1] is a valid fd we own.
     let mut ready = unsafe { File::from_raw_fd(fds[1]) };
-    // setsid detaches from the terminal's session (a hangup there must not reach us);
+    // setsid detaches from the terminal's session (a hangup there must not reach us).
+    // SAFETY: a plain syscall.
+    if unsafe { libc::setsid() } < 0 {
+        let msg = format!("detaching the daemon: {}", std::io::Error::last_os_error());
+        let _ = ready.write_all(msg.as_bytes());
+        std::process::exit(1);
+    }
+    // Opened before the chdir: image paths on the command line may be relative.
+    let chains = match open_chains(opts) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.write_all(e.to_string().as_bytes());
+            std::process::exit(1);
+        }
+    };
     // chdir so the daemon does not keep the caller's directory busy (paths are absolute).
-    // SAFETY: plain syscalls on a C string literal.
-    let detached = unsafe { libc::setsid() } >= 0 && unsafe { libc::chdir(c"/".as_ptr()) } == 0;
-    if !detached {
+    // SAFETY: a plain syscall on a C string literal.
+    if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
         let msg = format!("detaching the daemon: {}", std::io::Error::last_os_error());
         let _ = ready.write_all(msg.as_bytes());
         std::process::exit(1);

@@ -5,11 +5,12 @@ pub mod lock;
 pub mod qcow2;
 pub mod raw;
 
-use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use self::qcow2::Qcow2;
 use self::raw::RawImage;
+use crate::source::{Extent, LocalFile, Source};
 use crate::{Error, Result};
 
 /// How a guest range is stored in one image.
@@ -77,10 +78,14 @@ impl Format {
     /// `*.qcow2`/`*.qcow` without the magic is an error rather than silently raw: it is
     /// a damaged image, and writing into it as raw would bury what is left of it.
     pub fn probe(path: &Path) -> Result<Format> {
-        let f = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        Format::probe_source(&LocalFile::open(path, false)?)
+    }
+
+    /// Probes the bytes of any source (a remote template without a backing format).
+    pub fn probe_source(src: &dyn Source) -> Result<Format> {
+        let path = Path::new(src.name());
         let mut magic = [0u8; 4];
-        let n = std::os::unix::fs::FileExt::read_at(&f, &mut magic, 0)
-            .map_err(|e| Error::io(path, "reading the first bytes", e))?;
+        let n = src.read_at(&mut magic, 0)?;
         if n == 4 && u32::from_be_bytes(magic) == qcow2::header::MAGIC {
             return Ok(Format::Qcow2);
         }
@@ -107,10 +112,23 @@ pub enum Image {
 
 impl Image {
     pub fn open(path: &Path, format: Format, writable: bool) -> Result<Image> {
+        Image::on_source(Arc::new(LocalFile::open(path, writable)?), format)
+    }
+
+    /// An image in `format` on any byte source (writable if it is a writable local file).
+    pub fn on_source(src: Arc<dyn Source>, format: Format) -> Result<Image> {
         Ok(match format {
-            Format::Qcow2 => Image::Qcow2(Qcow2::open(path, writable)?),
-            Format::Raw => Image::Raw(RawImage::open(path, writable)?),
+            Format::Qcow2 => Image::Qcow2(Qcow2::open_source(src)?),
+            Format::Raw => Image::Raw(RawImage::on(src)),
         })
+    }
+
+    /// The byte source the image reads from.
+    pub fn source(&self) -> &Arc<dyn Source> {
+        match self {
+            Image::Qcow2(q) => q.source(),
+            Image::Raw(r) => r.source(),
+        }
     }
 
     pub fn format(&self) -> Format {
@@ -192,15 +210,13 @@ impl Image {
                 Ok((s, n))
             }
             Image::Raw(r) => {
-                let (data, n) = r.status(off, len)?;
-                Ok((
-                    if data {
-                        Status::Data
-                    } else {
-                        Status::Unallocated
-                    },
-                    n,
-                ))
+                let (e, n) = r.status(off, len)?;
+                let s = match e {
+                    Extent::Data => Status::Data,
+                    Extent::Zero => Status::Zero,
+                    Extent::Hole => Status::Unallocated,
+                };
+                Ok((s, n))
             }
         }
     }

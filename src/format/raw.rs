@@ -1,42 +1,56 @@
 //! Raw images: the guest offset is the host offset. Holes of a sparse raw file (found
 //! with SEEK_DATA/SEEK_HOLE) count as unallocated for block status, like QEMU's file driver.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::source::io::{
-    blk_zeroout, file_len, is_block_device, logical_block_size, pread_zero_tail, pwrite_all,
-    seek_data, seek_hole, vanished,
-};
+use crate::source::io::{blk_zeroout, pwrite_all, vanished};
+use crate::source::{Extent, LocalFile, Source};
 use crate::{Error, Result};
 
 pub struct RawImage {
+    /// The source's name (path or URI), for messages.
     path: PathBuf,
-    file: File,
+    src: Arc<dyn Source>,
     size: u64,
     writable: bool,
-    /// A block device (LVM, iSCSI, a loop device): no holes to find or punch; its
-    /// logical block size, for BLKZEROOUT's alignment.
+    /// A block device (LVM, iSCSI, a loop device): no holes to punch; its logical block
+    /// size, for BLKZEROOUT's alignment.
     device_block: Option<u64>,
 }
 
 impl RawImage {
     pub fn open(path: &Path, writable: bool) -> Result<RawImage> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
-        let size = file_len(&file, path)?;
-        let device_block = is_block_device(&file).then(|| logical_block_size(&file));
-        Ok(RawImage {
-            path: path.to_path_buf(),
-            file,
-            size,
-            writable,
-            device_block,
-        })
+        Ok(RawImage::on(Arc::new(LocalFile::open(path, writable)?)))
+    }
+
+    /// A raw image on any byte source; writable if the source is a writable local file.
+    pub fn on(src: Arc<dyn Source>) -> RawImage {
+        let local = src.local();
+        RawImage {
+            path: PathBuf::from(src.name()),
+            size: src.size(),
+            writable: local.is_some_and(LocalFile::is_writable),
+            device_block: local.and_then(LocalFile::device_block),
+            src,
+        }
+    }
+
+    /// The local file, for writing: a remote image is never written.
+    fn file(&self) -> Result<&File> {
+        match self.src.local() {
+            Some(l) if self.writable => Ok(l.file()),
+            _ => Err(Error::state(
+                libc::EROFS,
+                format!("{} is open read-only", self.path.display()),
+            )),
+        }
+    }
+
+    pub fn source(&self) -> &Arc<dyn Source> {
+        &self.src
     }
 
     pub fn path(&self) -> &Path {
@@ -52,7 +66,7 @@ impl RawImage {
     /// Reads at `off`; the image's size was fixed at open, so a short read inside it
     /// means the file shrank underneath us: an error, never zeros.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        let n = pread_zero_tail(&self.file, &self.path, buf, off)?;
+        let n = self.src.read_at(buf, off)?;
         let expected = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
         if n < expected {
             return Err(vanished(&self.path, off + n as u64));
@@ -61,7 +75,7 @@ impl RawImage {
     }
 
     pub fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
-        pwrite_all(&self.file, &self.path, buf, off, "guest data")
+        pwrite_all(self.file()?, &self.path, buf, off, "guest data")
     }
 
     /// Zeroes a range by punching a hole (the file keeps its size). Zeros are written
@@ -77,7 +91,7 @@ impl RawImage {
         // SAFETY: fallocate on our own fd; no memory is passed.
         let r = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                self.file()?.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off as libc::off_t,
                 len as libc::off_t,
@@ -104,7 +118,7 @@ impl RawImage {
             return self.write_zeros(off, len);
         }
         self.write_zeros(off, a - off)?;
-        blk_zeroout(&self.file, &self.path, a, b - a)?;
+        blk_zeroout(self.file()?, &self.path, a, b - a)?;
         self.write_zeros(b, off + len - b)
     }
 
@@ -120,28 +134,20 @@ impl RawImage {
     }
 
     pub fn sync(&self) -> Result<()> {
-        crate::source::io::fdatasync(&self.file, &self.path)
+        crate::source::io::fdatasync(self.file()?, &self.path)
     }
 
-    /// Whether [off, off+len) starts with data (true) or a hole (false), and for how long.
-    pub fn status(&self, off: u64, len: u64) -> Result<(bool, u64)> {
-        // A device has no holes to ask about (lseek SEEK_DATA fails on one): all data,
-        // as QEMU's file driver says.
-        if self.device_block.is_some() {
-            return Ok((true, len));
+    /// Whether [off, off+len) starts with data, reads as zeros, or is a hole (for
+    /// block status), and for how long: the source's allocation (holes of a sparse file,
+    /// NBD's base:allocation).
+    pub fn status(&self, off: u64, len: u64) -> Result<(Extent, u64)> {
+        let inside = len.min(self.size.saturating_sub(off));
+        if inside == 0 {
+            return Ok((Extent::Hole, len));
         }
-        let err = |e| Error::io(&self.path, "lseek", e);
-        let data = seek_data(&self.file, off).map_err(err)?;
-        match data {
-            Some(d) if d <= off => {
-                let hole = seek_hole(&self.file, off)
-                    .map_err(err)?
-                    .unwrap_or(self.size);
-                Ok((true, (hole.max(off + 1) - off).min(len)))
-            }
-            Some(d) => Ok((false, (d - off).min(len))),
-            None => Ok((false, len)),
-        }
+        let len = inside;
+        let (e, n) = self.src.extent(off, len)?;
+        Ok((e, n.clamp(1, len)))
     }
 }
 

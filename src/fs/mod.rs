@@ -256,6 +256,7 @@ impl Filesystem for StreamFs {
             if let Err(e) = c.flush_all() {
                 log::error!("{}: final flush failed: {e}", c.name());
             }
+            c.close_sources();
         }
     }
 

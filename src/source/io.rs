@@ -44,6 +44,22 @@ pub fn vanished(path: &Path, offset: u64) -> Error {
     )
 }
 
+/// Reads exactly `buf.len()` bytes at `offset` from a source; a short one is a corrupt
+/// image (metadata that the header places past the end).
+pub fn read_exact(src: &dyn super::Source, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+    let n = src.read_at(buf, offset)?;
+    if n < buf.len() {
+        return Err(Error::corrupt(
+            Path::new(src.name()),
+            format!(
+                "{what} at offset {offset} (+{} bytes) is beyond the end of the file",
+                buf.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads exactly `buf.len()` bytes at `offset`; a short file is a corrupt image.
 pub fn pread_exact(
     file: &File,

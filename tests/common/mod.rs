@@ -38,7 +38,8 @@
 //! * [`fixtures`]: [`Scratch`], raw and [`Qcow2`] images, [`Chain`], header patches,
 //!   random data;
 //! * [`control`]: the `.control` client;
-//! * [`file_io`]: checked reads, fallocate, O_DIRECT, SEEK_DATA / SEEK_HOLE.
+//! * [`file_io`]: checked reads, fallocate, O_DIRECT, SEEK_DATA / SEEK_HOLE;
+//! * [`servers`]: qemu-nbd, nbdkit and nginx as image servers.
 // Each integration test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
@@ -49,6 +50,7 @@ mod fixtures;
 mod mounts;
 mod processes;
 mod qemu;
+mod servers;
 
 // A binary that uses nothing from one of these modules would warn about its re-export.
 #[allow(unused_imports)]
@@ -65,6 +67,8 @@ pub use self::mounts::*;
 pub use self::processes::*;
 #[allow(unused_imports)]
 pub use self::qemu::*;
+#[allow(unused_imports)]
+pub use self::servers::*;
 #[allow(unused_imports)]
 pub use rand::rngs::StdRng;
 #[allow(unused_imports)]

@@ -13,7 +13,7 @@ use super::l2::{decode_l1, ClusterState, SubState, COPIED};
 use super::overlap::Kind;
 use super::refcount::RefIo;
 use super::{L2Table, Meta, Qcow2};
-use crate::source::io::{pread_exact, pwrite_all};
+use crate::source::io::{pwrite_all, read_exact};
 use crate::{Error, Result};
 
 /// What one guest cluster of a batch needs. `old` is its state as the caller saw it
@@ -282,7 +282,7 @@ impl Qcow2 {
         let mut loaded = Vec::with_capacity(need.blocks.len());
         for &(bi, off) in &need.blocks {
             let mut data = vec![0u8; cs];
-            pread_exact(&self.file, &self.path, &mut data, off, "refcount block")?;
+            read_exact(&*self.src, &mut data, off, "refcount block")?;
             loaded.push((bi, off, data));
         }
         if !loaded.is_empty() {
@@ -304,7 +304,13 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         let off = self.meta.lock().space.bump(n, cs)?;
         let zeros = vec![0u8; (n * cs) as usize];
-        pwrite_all(&self.file, &self.path, &zeros, off, "new metadata clusters")?;
+        pwrite_all(
+            self.file()?,
+            &self.path,
+            &zeros,
+            off,
+            "new metadata clusters",
+        )?;
         let mut m = self.meta.lock();
         m.space.spare.extend((0..n).map(|k| off + k * cs));
         Ok(())
@@ -314,7 +320,7 @@ impl Qcow2 {
     /// being evicted): not cached means clean, and nobody can change it meanwhile.
     fn read_l2_locked(&self, off: u64) -> Result<Arc<L2Table>> {
         let mut buf = vec![0u8; self.geo.cluster_size() as usize];
-        pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
+        read_exact(&*self.src, &mut buf, off, "L2 table")?;
         let t = Arc::new(L2Table::from_bytes(&buf, false));
         self.l2_cache.write().put(off, t.clone());
         Ok(t)

@@ -25,7 +25,7 @@ pub mod refcount;
 pub(crate) mod tests;
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 use std::os::unix::io::AsRawFd;
@@ -42,9 +42,8 @@ use self::l2::{decode_l1, ClusterState, Geometry, SubState};
 use self::overlap::{overlaps, Kind, MetaMap};
 use self::refcount::{RefIo, RefSnapshot, Refcounts};
 use super::Mapping;
-use crate::source::io::{
-    fdatasync, file_len, is_block_device, pread_exact, pread_zero_tail, pwrite_all, vanished,
-};
+use crate::source::io::{fdatasync, pwrite_all, read_exact, vanished};
+use crate::source::{LocalFile, Source};
 use crate::{Error, Result};
 
 /// Bytes of L2 tables kept in the cache (per image), and of decompressed clusters.
@@ -196,8 +195,10 @@ struct Snapshot {
 
 pub struct Qcow2 {
     id: u64,
+    /// The source's name (path or URI), for messages.
     path: PathBuf,
-    file: File,
+    /// Where the bytes come from; only a local file is ever written.
+    src: Arc<dyn Source>,
     geo: Geometry,
     size: u64,
     compression: Compression,
@@ -233,7 +234,8 @@ pub struct Qcow2 {
 
 /// The refcount module's view of the file: block loads and end-of-file allocation.
 struct FileRefIo<'a> {
-    file: &'a File,
+    src: &'a dyn Source,
+    file: Result<&'a File>,
     path: &'a Path,
     cluster_size: u64,
     space: &'a mut Space,
@@ -242,7 +244,7 @@ struct FileRefIo<'a> {
 impl RefIo for FileRefIo<'_> {
     fn load_block(&mut self, offset: u64) -> Result<Vec<u8>> {
         let mut b = vec![0u8; self.cluster_size as usize];
-        pread_exact(self.file, self.path, &mut b, offset, "refcount block")?;
+        read_exact(self.src, &mut b, offset, "refcount block")?;
         Ok(b)
     }
     fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
@@ -256,7 +258,11 @@ impl RefIo for FileRefIo<'_> {
         // here, before anything points at them, and never in the middle of a flush.
         let off = self.space.bump(n, self.cluster_size)?;
         let zeros = vec![0u8; (n * self.cluster_size) as usize];
-        pwrite_all(self.file, self.path, &zeros, off, "new metadata cluster")?;
+        let file = self
+            .file
+            .as_ref()
+            .map_err(|e| Error::state(e.errno(), e.to_string()))?;
+        pwrite_all(file, self.path, &zeros, off, "new metadata cluster")?;
         Ok(off)
     }
     fn corrupt(&self, msg: String) -> Error {
@@ -284,21 +290,24 @@ impl Snapshot {
 }
 
 impl Qcow2 {
-    /// Opens a qcow2 image. `writable` opens the file read-write and validates that we can
-    /// keep it consistent; a read-only open accepts images QEMU opens read-only.
+    /// Opens a local qcow2 image. `writable` opens the file read-write and validates that
+    /// we can keep it consistent; a read-only open accepts images QEMU opens read-only.
     pub fn open(path: &Path, writable: bool) -> Result<Qcow2> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
-        let len = file_len(&file, path)?;
-        let device = is_block_device(&file);
+        Qcow2::open_source(Arc::new(LocalFile::open(path, writable)?))
+    }
+
+    /// Opens a qcow2 image on any byte source; writable if the source is a writable
+    /// local file.
+    pub fn open_source(src: Arc<dyn Source>) -> Result<Qcow2> {
+        let writable = src.local().is_some_and(LocalFile::is_writable);
+        let path = &PathBuf::from(src.name());
+        let len = src.size();
+        let device = src.local().is_some_and(|l| l.device_block().is_some());
         let mut probe = vec![0u8; (Header::PROBE_LEN as u64).min(len) as usize];
-        pread_exact(&file, path, &mut probe, 0, "header")?;
+        read_exact(&*src, &mut probe, 0, "header")?;
         let cluster_bits = Header::probe_cluster_bits(&probe).map_err(|e| header_err(path, e))?;
         let mut first = vec![0u8; (1u64 << cluster_bits).min(len) as usize];
-        pread_exact(&file, path, &mut first, 0, "header cluster")?;
+        read_exact(&*src, &mut first, 0, "header cluster")?;
         let mut header = Header::parse(&first, len).map_err(|e| header_err(path, e))?;
 
         if writable {
@@ -327,13 +336,7 @@ impl Qcow2 {
             zero_flag: header.version >= 3,
         };
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-        pread_exact(
-            &file,
-            path,
-            &mut l1_bytes,
-            header.l1_table_offset,
-            "L1 table",
-        )?;
+        read_exact(&*src, &mut l1_bytes, header.l1_table_offset, "L1 table")?;
         let l1 = l1_bytes
             .chunks_exact(8)
             .map(|c| AtomicU64::new(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
@@ -386,7 +389,7 @@ impl Qcow2 {
             defined: Mutex::new(None),
             overlap: MetaMap::default(),
             end,
-            file,
+            src,
         };
         if writable && header.autoclear_features != 0 {
             // We do not maintain what autoclear features describe (e.g. bitmaps): clearing
@@ -438,6 +441,22 @@ impl Qcow2 {
             .map(|f| (f, h.backing_format.clone()))
     }
 
+    /// The local file, for writing: a remote image is never written.
+    fn file(&self) -> Result<&File> {
+        match self.src.local() {
+            Some(l) if self.writable => Ok(l.file()),
+            _ => Err(Error::state(
+                libc::EROFS,
+                format!("{} is open read-only", self.path.display()),
+            )),
+        }
+    }
+
+    /// The byte source the image is read from.
+    pub fn source(&self) -> &Arc<dyn Source> {
+        &self.src
+    }
+
     fn corrupt(&self, msg: impl Into<String>) -> Error {
         Error::corrupt(&self.path, msg)
     }
@@ -445,7 +464,8 @@ impl Qcow2 {
     /// The refcount logic's access to this file, allocating from `space`.
     fn ref_io<'a>(&'a self, space: &'a mut Space) -> FileRefIo<'a> {
         FileRefIo {
-            file: &self.file,
+            src: &*self.src,
+            file: self.file(),
             path: &self.path,
             cluster_size: self.geo.cluster_size(),
             space,
@@ -493,7 +513,7 @@ impl Qcow2 {
                 m.l2_gen
             };
             let mut buf = vec![0u8; self.geo.cluster_size() as usize];
-            pread_exact(&self.file, &self.path, &mut buf, off, "L2 table")?;
+            read_exact(&*self.src, &mut buf, off, "L2 table")?;
             let table = Arc::new(L2Table::from_bytes(&buf, !self.writable));
             let m = self.meta.lock();
             if let Some(t) = self.cached_l2(&m, off) {
@@ -619,7 +639,7 @@ impl Qcow2 {
             Mapping::Data { host } => {
                 // A short tail is normal (QEMU may leave a last cluster unwritten), but
                 // no byte at all means the file shrank under us.
-                if pread_zero_tail(&self.file, &self.path, buf, host)? == 0 && !buf.is_empty() {
+                if self.src.read_at(buf, host)? == 0 && !buf.is_empty() {
                     return Err(vanished(&self.path, host));
                 }
             }
@@ -641,7 +661,7 @@ impl Qcow2 {
             return Ok(d.clone());
         }
         let mut input = vec![0u8; len as usize];
-        if pread_zero_tail(&self.file, &self.path, &mut input, host)? == 0 {
+        if self.src.read_at(&mut input, host)? == 0 {
             return Err(vanished(&self.path, host));
         }
         let mut out = vec![0u8; self.geo.cluster_size() as usize];
@@ -680,9 +700,8 @@ impl Qcow2 {
         let h = self.header.lock().clone();
         let cs = self.geo.cluster_size();
         let mut bytes = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
-        pread_exact(
-            &self.file,
-            &self.path,
+        read_exact(
+            &*self.src,
             &mut bytes,
             h.refcount_table_offset,
             "refcount table",
@@ -743,7 +762,7 @@ impl Qcow2 {
             )));
         }
         self.unsynced.store(true, Ordering::Release);
-        pwrite_all(&self.file, &self.path, buf, host, "guest data")
+        pwrite_all(self.file()?, &self.path, buf, host, "guest data")
     }
 
     /// Refuses a write of `what` to [host, host+len) that would land on metadata of
@@ -778,10 +797,11 @@ impl Qcow2 {
     /// Asks the kernel to start writing [host, host+len) to disk now, without waiting
     /// (a hint: errors are ignored, a later fdatasync reports them).
     fn start_writeback(&self, host: u64, len: u64) {
+        let Ok(f) = self.file() else { return };
         // SAFETY: sync_file_range on our own fd; no memory is passed.
         unsafe {
             libc::sync_file_range(
-                self.file.as_raw_fd(),
+                f.as_raw_fd(),
                 host as libc::off64_t,
                 len as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
@@ -1018,7 +1038,7 @@ impl Qcow2 {
     }
 
     fn write_snapshot(&self, s: &Snapshot) -> Result<()> {
-        let (f, p) = (&self.file, self.path.as_path());
+        let (f, p) = (self.file()?, self.path.as_path());
         // Nothing reaches the disk if any of it would land on other metadata.
         let checks = s
             .refs
@@ -1073,8 +1093,8 @@ impl Qcow2 {
             .lock()
             .encode()
             .map_err(|e| header_err(&self.path, e))?;
-        pwrite_all(&self.file, &self.path, &bytes, 0, "header")?;
-        fdatasync(&self.file, &self.path)
+        pwrite_all(self.file()?, &self.path, &bytes, 0, "header")?;
+        fdatasync(self.file()?, &self.path)
     }
 
     /// Durably rewrites the backing link (None removes it). Everything written before is
