@@ -1,0 +1,553 @@
+//! The HTTP(S) byte source against a real nginx, started by each test on 127.0.0.1 with
+//! a generated config in a tempdir (everything it writes stays there) and killed by a
+//! guard. Without nginx (or openssl, for HTTPS) a test is skipped with a message, or
+//! fails when CI=true.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use streamfs::source::http::HttpSource;
+use streamfs::source::uri::{self, Location};
+use streamfs::source::{RemoteOptions, Source};
+
+const NGINX: &str = "/usr/sbin/nginx";
+
+/// Whether a tool this test needs is there; if not, skip (or fail under CI).
+fn have(tool: &str, path: &str) -> bool {
+    if Path::new(path).exists() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{tool} ({path}) is needed by this test and missing");
+    }
+    eprintln!("SKIPPED: {tool} ({path}) is not installed");
+    false
+}
+
+/// Deterministic bytes (xorshift), no two 8-byte words alike in practice.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// An odd size: 1 MiB and a bit.
+const LEN: usize = (1 << 20) + 12_345;
+
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The CA that signed `cert`, for `RemoteOptions::ca_file`.
+    ca: PathBuf,
+}
+
+/// One nginx, serving `dir/www`. Stopped (killed) on drop.
+struct Nginx {
+    dir: tempfile::TempDir,
+    port: u16,
+    tls: bool,
+    child: Mutex<Option<Child>>,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Modules a packaging may leave out of nginx; their temp path directives would not parse.
+fn compiled_out(module: &str) -> bool {
+    let out = Command::new(NGINX).arg("-V").output().expect("nginx -V");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    text.contains(&format!("--without-http_{module}_module"))
+}
+
+impl Nginx {
+    fn new(tls: Option<&Tls>) -> Nginx {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        for sub in ["www/norange", "tmp"] {
+            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+        }
+        let port = free_port();
+        let p = |s: &str| d.join(s).display().to_string();
+        let mut temp = String::new();
+        for (directive, module) in [
+            ("client_body_temp_path", None),
+            ("proxy_temp_path", Some("proxy")),
+            ("fastcgi_temp_path", Some("fastcgi")),
+            ("uwsgi_temp_path", Some("uwsgi")),
+            ("scgi_temp_path", Some("scgi")),
+        ] {
+            if module.is_some_and(compiled_out) {
+                continue;
+            }
+            temp += &format!("    {directive} {};\n", p(&format!("tmp/{directive}")));
+        }
+        let (listen, ssl) = match tls {
+            Some(t) => (
+                format!("127.0.0.1:{port} ssl"),
+                format!(
+                    "ssl_certificate {};\n        ssl_certificate_key {};",
+                    t.cert.display(),
+                    t.key.display()
+                ),
+            ),
+            None => (format!("127.0.0.1:{port}"), String::new()),
+        };
+        let conf = format!(
+            "daemon off;
+master_process off;
+worker_processes 1;
+pid {pid};
+error_log {err} info;
+events {{ worker_connections 512; }}
+http {{
+    log_format t '$connection $connection_requests $status \"$request\" im=$http_if_match';
+    access_log {acc} t;
+{temp}    default_type application/octet-stream;
+    keepalive_requests 100000;
+    server {{
+        listen {listen};
+        {ssl}
+        root {www};
+        location /norange/ {{ max_ranges 0; }}
+        location = /moved {{ return 302 /data.bin; }}
+    }}
+}}
+",
+            pid = p("nginx.pid"),
+            err = p("error.log"),
+            acc = p("access.log"),
+            www = p("www"),
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
+        let data = pattern(LEN, 1);
+        std::fs::write(d.join("www/data.bin"), &data).expect("write data");
+        std::fs::write(d.join("www/norange/data.bin"), &data).expect("write data");
+        let n = Nginx {
+            dir,
+            port,
+            tls: tls.is_some(),
+            child: Mutex::new(None),
+        };
+        n.start();
+        n
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn url(&self, path: &str) -> url::Url {
+        let scheme = if self.tls { "https" } else { "http" };
+        let name = format!("{scheme}://127.0.0.1:{}{path}", self.port);
+        match uri::parse_remote(&name) {
+            Some(Ok(Location::Http(u))) => u,
+            other => panic!("{name} parsed as {other:?}"),
+        }
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.path("error.log")).unwrap_or_default()
+    }
+
+    /// Starts nginx and waits until it accepts connections.
+    fn start(&self) {
+        let mut slot = self.child.lock().unwrap();
+        assert!(slot.is_none(), "nginx already running");
+        let d = self.dir.path();
+        let mut child = Command::new(NGINX)
+            .arg("-p")
+            .arg(d)
+            .arg("-e")
+            .arg(d.join("error.log"))
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let t0 = Instant::now();
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nginx exited ({status}):\n{}", self.error_log());
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nginx did not listen within 10 s:\n{}", self.error_log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        *slot = Some(child);
+    }
+
+    /// Kills nginx (connections drop at once) and reaps it.
+    fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn opts(timeout: Duration) -> RemoteOptions {
+    RemoteOptions {
+        timeout,
+        ca_file: None,
+    }
+}
+
+fn open(n: &Nginx, path: &str, o: &RemoteOptions) -> HttpSource {
+    HttpSource::open(&n.url(path), o)
+        .unwrap_or_else(|e| panic!("open {path}: {e}\n{}", n.error_log()))
+}
+
+fn open_err(n: &Nginx, path: &str, o: &RemoteOptions) -> streamfs::Error {
+    match HttpSource::open(&n.url(path), o) {
+        Ok(s) => panic!("open {path} succeeded ({} bytes)", s.size()),
+        Err(e) => {
+            eprintln!("open {path}: {e}");
+            e
+        }
+    }
+}
+
+fn check_read(src: &dyn Source, data: &[u8], off: u64, len: usize) {
+    let mut buf = vec![0xAAu8; len];
+    let n = src
+        .read_at(&mut buf, off)
+        .unwrap_or_else(|e| panic!("read {len} at {off}: {e}"));
+    let avail = data.len().saturating_sub(off as usize).min(len);
+    assert_eq!(n, avail, "count for {len} at {off}");
+    if avail > 0 {
+        assert!(
+            buf[..n] == data[off as usize..off as usize + n],
+            "data for {len} at {off}"
+        );
+    }
+    assert!(
+        buf[n..].iter().all(|&b| b == 0),
+        "zeros past the end for {len} at {off}"
+    );
+}
+
+#[test]
+fn reads_match_the_file_and_zeros_past_its_end() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let data = pattern(LEN, 1);
+    let src = open(&n, "/data.bin", &opts(Duration::from_secs(10)));
+    assert_eq!(src.size(), LEN as u64);
+    assert_eq!(src.name(), n.url("/data.bin").as_str());
+    assert!(src.is_remote());
+    let end = LEN as u64;
+    for (off, len) in [
+        (0, 1),
+        (1, 4095),
+        (4097, 3),
+        (12_345, 65_537),
+        (777_777, 300_001),
+        (0, LEN),
+        (end - 10, 10),
+        (end - 1, 1),
+        // Past the end: the count says how much came from the object.
+        (end - 30, 100),
+        (end - 1, 4096),
+        (end, 512),
+        (end + 5, 512),
+        (u64::MAX - 10, 8),
+        (5, 0),
+    ] {
+        check_read(&src, &data, off, len);
+    }
+    src.close();
+    let e = src.read_at(&mut [0u8; 4], 0).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+}
+
+#[test]
+fn concurrent_reads_from_many_threads() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let data = Arc::new(pattern(LEN, 1));
+    let src = Arc::new(open(&n, "/data.bin", &opts(Duration::from_secs(20))));
+    std::thread::scope(|s| {
+        for t in 0..12u64 {
+            let (src, data) = (src.clone(), data.clone());
+            s.spawn(move || {
+                let mut x = pattern(16 * 60, t + 7);
+                for i in 0..60 {
+                    let r = u64::from_le_bytes(x[i * 16..i * 16 + 8].try_into().unwrap());
+                    let l = u64::from_le_bytes(x[i * 16 + 8..i * 16 + 16].try_into().unwrap());
+                    let off = r % (LEN as u64 + 100);
+                    let len = 1 + (l % 70_000) as usize;
+                    check_read(&*src, &data, off, len);
+                }
+                x.clear();
+            });
+        }
+    });
+    // Keep-alive: the requests shared far fewer connections, and each carried If-Match.
+    let log = std::fs::read_to_string(n.path("access.log")).unwrap_or_default();
+    let reads: Vec<&str> = log.lines().filter(|l| l.contains(" 206 ")).collect();
+    assert!(reads.len() >= 12 * 60, "access log: {} reads", reads.len());
+    let conns: std::collections::HashSet<&str> =
+        reads.iter().filter_map(|l| l.split(' ').next()).collect();
+    assert!(
+        conns.len() <= 12 * 60 / 4,
+        "{} connections for {} reads",
+        conns.len(),
+        reads.len()
+    );
+    assert!(
+        reads[1..].iter().all(|l| !l.ends_with("im=-")),
+        "a read without If-Match"
+    );
+}
+
+#[test]
+fn missing_object_fails_at_open() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let e = open_err(&n, "/missing.bin", &opts(Duration::from_secs(10)));
+    let m = e.to_string();
+    assert!(m.contains("404") && m.contains("/missing.bin"), "{m}");
+    assert_eq!(e.errno(), libc::EIO);
+}
+
+#[test]
+fn server_ignoring_ranges_fails_at_open() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let e = open_err(&n, "/norange/data.bin", &opts(Duration::from_secs(10)));
+    assert!(
+        e.to_string().contains("does not support byte ranges"),
+        "{e}"
+    );
+}
+
+#[test]
+fn redirect_is_followed() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let data = pattern(LEN, 1);
+    let src = open(&n, "/moved", &opts(Duration::from_secs(10)));
+    assert_eq!(src.size(), LEN as u64);
+    check_read(&src, &data, 99_999, 123_457);
+    let log = std::fs::read_to_string(n.path("access.log")).unwrap_or_default();
+    assert!(log.contains("/moved") && log.contains(" 302 "), "{log}");
+}
+
+#[test]
+fn replaced_object_fails_reads() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let data = pattern(LEN, 1);
+    let src = open(&n, "/data.bin", &opts(Duration::from_secs(10)));
+    check_read(&src, &data, 1000, 5000);
+    // New content of the same size, a new mtime: a new ETag.
+    let tmp = n.path("www/data.bin.new");
+    std::fs::write(&tmp, pattern(LEN, 2)).unwrap();
+    let f = std::fs::File::options().write(true).open(&tmp).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(100))
+        .unwrap();
+    drop(f);
+    std::fs::rename(&tmp, n.path("www/data.bin")).unwrap();
+    let t0 = Instant::now();
+    let e = src.read_at(&mut vec![0u8; 5000], 1000).unwrap_err();
+    eprintln!("{e}");
+    assert!(
+        e.to_string()
+            .contains("the object changed since it was opened"),
+        "{e}"
+    );
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "an answer is not retried"
+    );
+}
+
+#[test]
+fn stopped_server_fails_reads_after_the_timeout() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let data = pattern(LEN, 1);
+    let src = open(&n, "/data.bin", &opts(Duration::from_secs(2)));
+    check_read(&src, &data, 0, 4096);
+    n.stop();
+    let t0 = Instant::now();
+    let e = src.read_at(&mut [0u8; 4096], 8192).unwrap_err();
+    let took = t0.elapsed();
+    eprintln!("after {took:?}: {e}");
+    assert!(e.to_string().contains("no answer within 2 s"), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(
+        took >= Duration::from_millis(1900),
+        "gave up after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+}
+
+#[test]
+fn server_restarted_within_the_timeout() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let data = pattern(LEN, 1);
+    let src = open(&n, "/data.bin", &opts(Duration::from_secs(15)));
+    check_read(&src, &data, 0, 4096);
+    n.stop();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(800));
+            n.start();
+        });
+        check_read(&src, &data, 54_321, 65_536);
+    });
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(800),
+        "read before the restart? {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+/// A CA and a certificate it signed for 127.0.0.1, made with openssl.
+fn make_tls(dir: &Path) -> Tls {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
+    a.extend(["-subj", "/CN=streamfs test CA"]);
+    run(&a);
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&a);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    Tls {
+        cert: dir.join("leaf.pem"),
+        key: dir.join("leaf.key"),
+        ca: dir.join("ca.pem"),
+    }
+}
+
+#[test]
+fn https_with_and_without_the_ca_file() {
+    if !have("nginx", NGINX) || !have("openssl", "/usr/bin/openssl") {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let tls = make_tls(certs.path());
+    let n = Nginx::new(Some(&tls));
+    let data = pattern(LEN, 1);
+    let with_ca = RemoteOptions {
+        timeout: Duration::from_secs(10),
+        ca_file: Some(tls.ca.clone()),
+    };
+    let src = open(&n, "/data.bin", &with_ca);
+    assert_eq!(src.size(), LEN as u64);
+    check_read(&src, &data, 3, 200_000);
+    check_read(&src, &data, LEN as u64 - 7, 100);
+
+    let t0 = Instant::now();
+    let e = open_err(&n, "/data.bin", &opts(Duration::from_secs(10)));
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a refused certificate is not retried"
+    );
+
+    let bad = RemoteOptions {
+        timeout: Duration::from_secs(10),
+        ca_file: Some(certs.path().join("leaf.key")),
+    };
+    let e = open_err(&n, "/data.bin", &bad);
+    assert!(e.to_string().contains("no PEM certificate"), "{e}");
+}
