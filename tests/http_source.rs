@@ -123,6 +123,11 @@ http {{
         root {www};
         location /norange/ {{ max_ranges 0; }}
         location = /moved {{ return 302 /data.bin; }}
+        location = /loop {{ return 302 /loop; }}
+        location = /busy {{ return 503; }}
+        location = /slow-down {{ return 429; }}
+        location = /forbidden {{ return 403; }}
+        location /slow/ {{ alias {www}/; limit_rate 256k; }}
     }}
 }}
 ",
@@ -135,6 +140,7 @@ http {{
         let data = pattern(LEN, 1);
         std::fs::write(d.join("www/data.bin"), &data).expect("write data");
         std::fs::write(d.join("www/norange/data.bin"), &data).expect("write data");
+        std::fs::write(d.join("www/empty.bin"), b"").expect("write empty");
         let n = Nginx {
             dir,
             port,
@@ -332,6 +338,42 @@ fn concurrent_reads_from_many_threads() {
 }
 
 #[test]
+fn reads_run_in_parallel() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    // nginx sends each reply at 256 KiB/s: six reads of 128 KiB take half a second
+    // side by side, three one after the other.
+    let n = Nginx::new(None);
+    let data = pattern(LEN, 1);
+    let src = open(&n, "/slow/data.bin", &opts(Duration::from_secs(20)));
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..6u64 {
+            let (src, data) = (&src, &data);
+            s.spawn(move || check_read(src, data, i * 150_001, 128 << 10));
+        }
+    });
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "not rate limited? {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "reads in series? {took:?}");
+}
+
+#[test]
+fn empty_object() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let src = open(&n, "/empty.bin", &opts(Duration::from_secs(10)));
+    assert_eq!(src.size(), 0);
+    check_read(&src, &[], 0, 100);
+}
+
+#[test]
 fn missing_object_fails_at_open() {
     if !have("nginx", NGINX) {
         return;
@@ -341,6 +383,44 @@ fn missing_object_fails_at_open() {
     let m = e.to_string();
     assert!(m.contains("404") && m.contains("/missing.bin"), "{m}");
     assert_eq!(e.errno(), libc::EIO);
+}
+
+#[test]
+fn answers_fail_at_once_and_overload_is_retried() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let o = opts(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    let e = open_err(&n, "/forbidden", &o);
+    assert!(e.to_string().contains("403"), "{e}");
+    let e = open_err(&n, "/loop", &o);
+    assert!(e.to_string().contains("redirect"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "answers are not retried"
+    );
+    for path in ["/busy", "/slow-down"] {
+        let t0 = Instant::now();
+        let e = open_err(&n, path, &o);
+        let took = t0.elapsed();
+        let m = e.to_string();
+        assert!(m.contains("no answer within 1.5 s"), "{m}");
+        assert!(
+            m.contains(if path == "/busy" { "503" } else { "429" }),
+            "{m}"
+        );
+        assert!(
+            took >= Duration::from_millis(1400),
+            "gave up after {took:?}"
+        );
+        assert!(took < Duration::from_secs(4), "gave up after {took:?}");
+    }
+    // Tried again with backoff (50, 100, 200, 400, 800 ms): a handful, not hundreds.
+    let log = std::fs::read_to_string(n.path("access.log")).unwrap_or_default();
+    let tries = log.lines().filter(|l| l.contains("GET /busy ")).count();
+    assert!((4..=8).contains(&tries), "{tries} tries");
 }
 
 #[test]
@@ -418,6 +498,31 @@ fn stopped_server_fails_reads_after_the_timeout() {
     eprintln!("after {took:?}: {e}");
     assert!(e.to_string().contains("no answer within 2 s"), "{e}");
     assert_eq!(e.errno(), libc::EIO);
+    assert!(
+        took >= Duration::from_millis(1900),
+        "gave up after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+}
+
+#[test]
+fn silent_server_fails_reads_after_the_timeout() {
+    if !have("nginx", NGINX) {
+        return;
+    }
+    let n = Nginx::new(None);
+    let data = pattern(LEN, 1);
+    let src = open(&n, "/data.bin", &opts(Duration::from_secs(2)));
+    check_read(&src, &data, 0, 4096);
+    n.stop();
+    // Something takes the port that accepts connections (the kernel does, from the
+    // backlog) and never answers: each request's time outs must end with the read's.
+    let _silent = TcpListener::bind(("127.0.0.1", n.port)).expect("bind nginx's port");
+    let t0 = Instant::now();
+    let e = src.read_at(&mut [0u8; 4096], 8192).unwrap_err();
+    let took = t0.elapsed();
+    eprintln!("after {took:?}: {e}");
+    assert!(e.to_string().contains("no answer within 2 s"), "{e}");
     assert!(
         took >= Duration::from_millis(1900),
         "gave up after {took:?}"

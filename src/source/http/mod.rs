@@ -253,7 +253,7 @@ impl HttpSource {
                 }
             }
             // An empty object has no byte 0 to send: 200 with nothing, or 416.
-            200 if resp.body().content_length() == Some(0) => 0,
+            200 if header(&resp, "content-length").map(str::trim) == Some("0") => 0,
             200 => {
                 return Err(Failure::Fatal(
                     "the server does not support byte ranges: it answered a ranged GET \

@@ -90,14 +90,20 @@ pub fn classify(err: ureq::Error) -> Failure {
     use ureq::Error as E;
     match err {
         E::Io(e) => {
+            let msg = e.to_string();
             if io_is_transient(e.kind()) {
-                Failure::Transient(e.to_string())
+                Failure::Transient(msg)
+            } else if msg.contains("UnknownIssuer") {
+                Failure::Fatal(format!(
+                    "{msg} (the server's CA is neither in the system's store nor in --ca-file)"
+                ))
             } else {
-                Failure::Fatal(e.to_string())
+                Failure::Fatal(msg)
             }
         }
         // A lost connection can also surface as a half-read response.
-        E::Timeout(_) | E::ConnectionFailed | E::HostNotFound | E::Protocol(_) | E::BodyStalled => {
+        E::Timeout(_) => Failure::Transient("timed out waiting for the server".into()),
+        E::ConnectionFailed | E::HostNotFound | E::Protocol(_) | E::BodyStalled => {
             Failure::Transient(err.to_string())
         }
         E::StatusCode(s) if status_is_transient(s) => Failure::Transient(err.to_string()),
