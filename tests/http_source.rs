@@ -656,3 +656,183 @@ fn https_with_and_without_the_ca_file() {
     let e = open_err(&n, "/data.bin", &bad);
     assert!(e.to_string().contains("no PEM certificate"), "{e}");
 }
+
+/// A scripted HTTP server for the faults nginx does not make: one request per
+/// connection (`Connection: close`), answered by `reply(request number, first, last)`
+/// with the raw bytes to send (the connection closes after them).
+struct Scripted {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type Reply = dyn Fn(usize, u64, u64) -> Vec<u8> + Send + Sync;
+
+impl Scripted {
+    fn new(reply: Box<Reply>) -> Scripted {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut count = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                let mut c = match l.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).to_lowercase();
+                let range = req
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| r.trim().split_once('-'))
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                let (first, last) = range.unwrap_or((0, u64::MAX));
+                let _ = c.write_all(&reply(count, first, last));
+                count += 1;
+            }
+        });
+        Scripted {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> url::Url {
+        url::Url::parse(&format!("http://127.0.0.1:{}/obj", self.port)).unwrap()
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A 206 for bytes `first..=last` of `obj`, with `etag`, whose body holds only `send` bytes.
+fn partial(
+    obj: &[u8],
+    first: u64,
+    last: u64,
+    etag: &str,
+    cr: Option<String>,
+    send: usize,
+) -> Vec<u8> {
+    let body = &obj[first as usize..=last as usize];
+    let cr = cr.unwrap_or_else(|| format!("bytes {first}-{last}/{}", obj.len()));
+    let mut r = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Range: {cr}\r\nContent-Length: {}\r\n\
+         ETag: {etag}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(&body[..send.min(body.len())]);
+    r
+}
+
+#[test]
+fn dropped_connection_mid_body_is_retried() {
+    let obj = Arc::new(pattern(100_000, 3));
+    let o2 = obj.clone();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let served2 = served.clone();
+    // Request 0 is the open; request 1 breaks off after 1000 bytes; the rest are whole.
+    let s = Scripted::new(Box::new(move |n, f, l| {
+        served2.store(n + 1, std::sync::atomic::Ordering::SeqCst);
+        let send = if n == 1 { 1000 } else { usize::MAX };
+        partial(&o2, f, l, "\"v1\"", None, send)
+    }));
+    let src = HttpSource::open(&s.url(), &opts(Duration::from_secs(10))).expect("open");
+    assert_eq!(src.size(), 100_000);
+    check_read(&src, &obj, 5000, 20_000);
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "requests served"
+    );
+}
+
+#[test]
+fn wrong_content_range_or_etag_in_a_reply_fails() {
+    let obj = Arc::new(pattern(100_000, 3));
+    let o2 = obj.clone();
+    // The open, then: another range than asked, another total, another ETag (a server
+    // that ignores If-Match), a body longer than the range.
+    let s = Scripted::new(Box::new(move |n, f, l| match n {
+        0 => partial(&o2, f, l, "\"v1\"", None, usize::MAX),
+        1 => partial(
+            &o2,
+            f,
+            l,
+            "\"v1\"",
+            Some(format!("bytes {}-{}/100000", f + 1, l + 1)),
+            usize::MAX,
+        ),
+        2 => partial(
+            &o2,
+            f,
+            l,
+            "\"v1\"",
+            Some(format!("bytes {f}-{l}/100001")),
+            usize::MAX,
+        ),
+        3 => partial(&o2, f, l, "\"v2\"", None, usize::MAX),
+        _ => partial(
+            &o2,
+            f,
+            l + 1,
+            "\"v1\"",
+            Some(format!("bytes {f}-{l}/100000")),
+            usize::MAX,
+        ),
+    }));
+    let src = HttpSource::open(&s.url(), &opts(Duration::from_secs(10))).expect("open");
+    let mut buf = vec![0u8; 100];
+    let t0 = Instant::now();
+    let mut errs = Vec::new();
+    for _ in 0..4 {
+        let e = src.read_at(&mut buf, 10).unwrap_err();
+        eprintln!("{e}");
+        errs.push(e.to_string());
+    }
+    assert!(
+        errs[0].contains("asked for bytes 10-109, got 11-110"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].contains("changed since it was opened"),
+        "{}",
+        errs[1]
+    );
+    assert!(
+        errs[2].contains("changed since it was opened") && errs[2].contains("\"v2\""),
+        "{}",
+        errs[2]
+    );
+    assert!(errs[3].contains("more than"), "{}", errs[3]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "answers are not retried"
+    );
+}
