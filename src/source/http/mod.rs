@@ -12,6 +12,10 @@
 //! Lost connections, refusals, time outs, 5xx, 408 and 429 are tried again with backoff
 //! until `RemoteOptions::timeout`, counted from the call, is used up (`retry`); each
 //! request's socket time outs are bounded by the time left.
+//!
+//! Proxies come from the environment (`http_proxy`, `https_proxy`, `no_proxy`, ...), as
+//! for curl. Content encodings are not asked for (`Accept-Encoding: identity`), and a reply that has one is refused:
+//! ranges must count the object's own bytes.
 
 mod range;
 mod retry;
@@ -211,7 +215,11 @@ impl HttpSource {
         left: Duration,
         conditional: bool,
     ) -> Result<Response<Body>, Failure> {
-        let mut req = self.agent.get(self.url.as_str()).header("Range", range);
+        let mut req = self
+            .agent
+            .get(self.url.as_str())
+            .header("Range", range)
+            .header("Accept-Encoding", "identity");
         if conditional {
             if let Some((name, value)) = self.version.condition() {
                 req = req.header(name, value);
