@@ -47,21 +47,52 @@ fn data_bytes(path: &Path) -> u64 {
     extents(path).iter().map(|r| r.end - r.start).sum()
 }
 
-/// A local qcow2 leaf over `uri` (format `fmt`), with a few writes of its own.
-fn leaf_over(s: &Scratch, name: &str, uri: &str, fmt: &str, cluster: u64) -> PathBuf {
+/// A local qcow2 leaf over `uri` (format `fmt`), with a few writes of its own, and the
+/// raw file QEMU reads from it. The leaf is made and written over `local`, a local file
+/// with the bytes the server serves, and then pointed at `uri` (`rebase -u`): the QEMU
+/// here has no curl driver, so it judges HTTP chains through their local equivalent.
+fn leaf_over(
+    s: &Scratch,
+    name: &str,
+    local: &Path,
+    uri: &str,
+    fmt: &str,
+    cluster: u64,
+) -> (PathBuf, PathBuf) {
     let leaf = Qcow2::new()
         .size(SIZE)
         .cluster_size(cluster)
-        .backing_name(uri, fmt)
+        .backing_name(ps(local), fmt)
         .create(&s.join(name));
     write_pattern(&leaf, 0x5a, 3 * MIB, 64 * KIB);
     write_pattern(&leaf, 0xa5, SIZE - 4 * KIB, 4 * KIB);
-    leaf
+    let want = s.join(format!("{name}.want"));
+    convert_to_raw(&leaf, &want);
+    rebase_unsafe(&leaf, uri, fmt);
+    (leaf, want)
 }
 
-/// The raw file shown for `leaf` is what QEMU reads from the same chain.
-fn assert_mount_matches_qemu(s: &Scratch, leaf: &Path, args: &[&str]) -> Vec<u8> {
-    let reference = raw_reference(leaf);
+/// A leaf naming `uri` that nothing needs to open now (`qemu-img create -u`).
+fn leaf_naming(path: &Path, uri: &str, fmt: &str) -> PathBuf {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        uri,
+        "-F",
+        fmt,
+        ps(path),
+        &SIZE.to_string(),
+    ]);
+    path.to_path_buf()
+}
+
+/// The raw file shown for `leaf` is `want`, by random reads and a whole read.
+fn assert_mount_shows(s: &Scratch, leaf: &Path, want: &Path, args: &[&str]) {
+    let reference = fs::read(want).unwrap();
     let m = s.mount(&[leaf], args);
     let name = default_name(leaf);
     check_random_preads(
@@ -73,7 +104,6 @@ fn assert_mount_matches_qemu(s: &Scratch, leaf: &Path, args: &[&str]) -> Vec<u8>
     );
     assert_bytes_eq(&name, &read_file(&m.file(&name)), &reference);
     m.umount();
-    reference
 }
 
 fn require_servers(progs: &[&str]) -> bool {
@@ -92,7 +122,7 @@ fn require_fuse_or_skip() {
 
 #[test]
 fn reads_through_nbd_and_http_templates_match_qemu() {
-    if !require_servers(&["qemu-nbd", "nginx"]) {
+    if !require_servers(&["qemu-nbd", NGINX]) {
         return;
     }
     let s = Scratch::new();
@@ -115,22 +145,20 @@ fn reads_through_nbd_and_http_templates_match_qemu() {
     let port = free_port();
     let _web = nginx(s.path(), &s.join("srv"), port, "");
     let http = |f: &str| format!("http://127.0.0.1:{port}/{f}");
+    let legacy = format!("nbd:unix:{}:exportname=exp", s.join("q.sock").display());
     let cases = [
-        (tcp.nbd_uri("exp"), "raw", 64 * KIB),
-        (tcp.nbd_uri("exp"), "raw", 4 * KIB),
-        (unix.nbd_uri("exp"), "qcow2", 64 * KIB),
-        (http("tmpl.raw"), "raw", 2 * MIB),
-        (http("tmpl.qcow2"), "qcow2", 64 * KIB),
+        (tcp.nbd_uri("exp"), &raw, "raw", 64 * KIB),
+        (tcp.nbd_uri("exp"), &raw, "raw", 4 * KIB),
+        (unix.nbd_uri("exp"), &q, "qcow2", 64 * KIB),
+        (http("tmpl.raw"), &raw, "raw", 2 * MIB),
+        (http("tmpl.qcow2"), &q, "qcow2", 64 * KIB),
         // QEMU's legacy spelling.
-        (
-            format!("nbd:unix:{}:exportname=exp", s.join("q.sock").display()),
-            "qcow2",
-            512,
-        ),
+        (legacy, &q, "qcow2", 512),
     ];
-    for (i, (uri, fmt, cluster)) in cases.iter().enumerate() {
-        let leaf = leaf_over(&s, &format!("leaf{i}.qcow2"), uri, fmt, *cluster);
-        assert_mount_matches_qemu(&s, &leaf, &[]);
+    for (i, (uri, local, fmt, cluster)) in cases.iter().enumerate() {
+        let name = format!("leaf{i}.qcow2");
+        let (leaf, want) = leaf_over(&s, &name, local, uri, fmt, *cluster);
+        assert_mount_shows(&s, &leaf, &want, &[]);
         // Copy-on-read filled the leaf; it must still read the same with the server gone
         // for the parts it copied: qemu-img check is clean either way.
         qemu_img_check(&leaf);
@@ -139,7 +167,7 @@ fn reads_through_nbd_and_http_templates_match_qemu() {
 
 #[test]
 fn a_remote_layer_in_the_middle_of_a_chain() {
-    if !require_servers(&["qemu-nbd", "nginx"]) {
+    if !require_servers(&["qemu-nbd", NGINX]) {
         return;
     }
     let s = Scratch::new();
@@ -162,27 +190,22 @@ fn a_remote_layer_in_the_middle_of_a_chain() {
     write_pattern(&mid2, 0x44, 2 * MIB, 128 * KIB);
     let port = free_port();
     let _web = nginx(s.path(), &srv, port, "");
-    let leaf = leaf_over(
+    let (leaf, want) = leaf_over(
         &s,
         "leaf.qcow2",
+        &srv.join("mid2.qcow2"),
         &format!("http://127.0.0.1:{port}/mid2.qcow2"),
         "qcow2",
         64 * KIB,
     );
-    assert_mount_matches_qemu(&s, &leaf, &["--no-copy-on-read"]);
+    assert_mount_shows(&s, &leaf, &want, &["--no-copy-on-read"]);
     // A relative name inside an NBD-served image has no base directory (as in QEMU).
     let nbd_mid = qemu_nbd(
         &srv.join("mid2.qcow2"),
         "raw",
         Listen::Unix(s.join("m.sock")),
     );
-    let leaf = leaf_over(
-        &s,
-        "leaf2.qcow2",
-        &nbd_mid.nbd_uri("exp"),
-        "qcow2",
-        64 * KIB,
-    );
+    let leaf = leaf_naming(&s.join("leaf2.qcow2"), &nbd_mid.nbd_uri("exp"), "qcow2");
     let err = assert_mount_fails(
         s.mount_cmd().image(&leaf),
         &[
@@ -269,7 +292,7 @@ fn holes_of_a_sparse_nbd_template_are_neither_shown_nor_copied() {
 
 #[test]
 fn full_and_base_streams_from_remote_templates() {
-    if !require_servers(&["qemu-nbd", "nginx"]) {
+    if !require_servers(&["qemu-nbd", NGINX]) {
         return;
     }
     let s = Scratch::new();
@@ -286,9 +309,8 @@ fn full_and_base_streams_from_remote_templates() {
     let _web = nginx(s.path(), &srv, port, "");
     let mid_url = format!("http://127.0.0.1:{port}/mid.qcow2");
     // Whole stream: the leaf needs neither server afterwards.
-    let leaf = leaf_over(&s, "full.qcow2", &mid_url, "qcow2", 64 * KIB);
-    let want = s.join("full.want");
-    convert_to_raw(&leaf, &want);
+    let mid_local = srv.join("mid.qcow2");
+    let (leaf, want) = leaf_over(&s, "full.qcow2", &mid_local, &mid_url, "qcow2", 64 * KIB);
     let m = s.mount(&[&leaf], &[]);
     ctl_ok(&m, "start full.raw speed=0");
     let done = wait_completed(&m, "full.raw", Duration::from_secs(60));
@@ -296,9 +318,7 @@ fn full_and_base_streams_from_remote_templates() {
     m.umount();
     assert_identical_to_raw("whole stream", &leaf, &want);
     // Base stream keeping the NBD base: the leaf is relinked to its URI.
-    let leaf = leaf_over(&s, "part.qcow2", &mid_url, "qcow2", 64 * KIB);
-    let want = s.join("part.want");
-    convert_to_raw(&leaf, &want);
+    let (leaf, want) = leaf_over(&s, "part.qcow2", &mid_local, &mid_url, "qcow2", 64 * KIB);
     let m = s.mount(&[&leaf], &[]);
     ctl_ok(&m, &format!("start part.raw base={}", nbd.nbd_uri("exp")));
     let done = wait_completed(&m, "part.raw", Duration::from_secs(60));
@@ -311,7 +331,7 @@ fn full_and_base_streams_from_remote_templates() {
 
 #[test]
 fn mount_fails_clearly_when_the_server_cannot_serve() {
-    if !require_servers(&["qemu-nbd", "nginx"]) {
+    if !require_servers(&["qemu-nbd", NGINX]) {
         return;
     }
     let s = Scratch::new();
@@ -335,10 +355,7 @@ fn mount_fails_clearly_when_the_server_cannot_serve() {
     .into_iter()
     .enumerate()
     {
-        let leaf = Qcow2::new()
-            .size(SIZE)
-            .backing_name(uri, "raw")
-            .create(&s.join(format!("l{i}.qcow2")));
+        let leaf = leaf_naming(&s.join(format!("l{i}.qcow2")), uri, "raw");
         let t = Instant::now();
         let err = assert_mount_fails(
             s.mount_cmd().arg("--remote-timeout").arg("5").image(&leaf),
@@ -389,9 +406,7 @@ fn a_server_restarted_mid_stream_is_reconnected_and_the_data_is_whole() {
     let raw = s.join("tmpl.raw");
     let data = template(&raw, 6);
     let mut srv = qemu_nbd(&raw, "raw", Listen::Unix(s.join("t.sock")));
-    let leaf = leaf_over(&s, "leaf.qcow2", &srv.nbd_uri("exp"), "raw", 64 * KIB);
-    let want = s.join("want.raw");
-    convert_to_raw(&leaf, &want);
+    let (leaf, want) = leaf_over(&s, "leaf.qcow2", &raw, &srv.nbd_uri("exp"), "raw", 64 * KIB);
     let m = s.mount(&[&leaf], &["--remote-timeout", "20"]);
     ctl_ok(&m, "start leaf.raw speed=2M");
     wait_job(&m, "leaf.raw", Duration::from_secs(30), "copying", |l| {
@@ -432,9 +447,7 @@ fn an_outage_longer_than_the_timeout_fails_reads_and_the_job_then_resumes() {
     template(&raw, 7);
     let mut srv = qemu_nbd(&raw, "raw", Listen::Tcp(free_port()));
     let uri = srv.nbd_uri("exp");
-    let leaf = leaf_over(&s, "leaf.qcow2", &uri, "raw", 64 * KIB);
-    let want = s.join("want.raw");
-    convert_to_raw(&leaf, &want);
+    let (leaf, want) = leaf_over(&s, "leaf.qcow2", &raw, &uri, "raw", 64 * KIB);
     let m = s.mount(&[&leaf], &["--remote-timeout", "2"]);
     ctl_ok(&m, "start leaf.raw speed=1M");
     wait_job(&m, "leaf.raw", Duration::from_secs(30), "copying", |l| {
@@ -496,7 +509,7 @@ fn server_errors_and_slow_answers_become_eio_without_touching_the_leaf() {
             &format!("error-file={}", s.join("armed").display()),
         ],
     );
-    let leaf = leaf_over(&s, "leaf.qcow2", &erring.nbd_uri(""), "raw", 64 * KIB);
+    let (leaf, _) = leaf_over(&s, "leaf.qcow2", &raw, &erring.nbd_uri(""), "raw", 64 * KIB);
     let m = s.mount(&[&leaf], &["--remote-timeout", "5"]);
     let f = File::open(m.file("leaf.raw")).unwrap();
     let mut buf = vec![0u8; 4096];
@@ -532,7 +545,7 @@ fn server_errors_and_slow_answers_become_eio_without_touching_the_leaf() {
             "rdelay=4",
         ],
     );
-    let leaf = leaf_over(&s, "slow.qcow2", &slow.nbd_uri(""), "raw", 64 * KIB);
+    let (leaf, _) = leaf_over(&s, "slow.qcow2", &raw, &slow.nbd_uri(""), "raw", 64 * KIB);
     let m = s.mount(&[&leaf], &["--remote-timeout", "1"]);
     let f = File::open(m.file("slow.raw")).unwrap();
     let t = Instant::now();
@@ -550,7 +563,7 @@ fn server_errors_and_slow_answers_become_eio_without_touching_the_leaf() {
 
 #[test]
 fn an_http_object_replaced_during_a_mount_is_not_mixed_in() {
-    if !require_servers(&["nginx"]) {
+    if !require_servers(&[NGINX]) {
         return;
     }
     let s = Scratch::new();
@@ -559,9 +572,10 @@ fn an_http_object_replaced_during_a_mount_is_not_mixed_in() {
     let data = template(&t, 9);
     let port = free_port();
     let _web = nginx(s.path(), &srv, port, "");
-    let leaf = leaf_over(
+    let (leaf, _) = leaf_over(
         &s,
         "leaf.qcow2",
+        &t,
         &format!("http://127.0.0.1:{port}/t.raw"),
         "raw",
         64 * KIB,
@@ -574,6 +588,15 @@ fn an_http_object_replaced_during_a_mount_is_not_mixed_in() {
     // A new version of the template (new content, new ETag), put in place by rename.
     let new = srv.join("t.new");
     fs::write(&new, random_bytes(99, SIZE as usize)).unwrap();
+    // nginx's ETag is mtime and size: a new version within the same second would look
+    // the same to any client.
+    let later = std::time::SystemTime::now() + Duration::from_secs(10);
+    File::options()
+        .write(true)
+        .open(&new)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
     fs::rename(&new, &t).unwrap();
     let e = f.read_exact_at(&mut buf, 2 * MIB).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");

@@ -142,26 +142,36 @@ pub fn nbdkit(listen: Listen, rest: &[&str]) -> Server {
     Server::start("nbdkit", cmd, listen)
 }
 
+/// Where Debian's nginx(-light) lives (root's PATH has /usr/sbin, a user's may not).
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+/// Modules a packaging leaves out of nginx (nginx-light: proxy, fastcgi, ...): their temp
+/// path directives would not parse.
+fn nginx_lacks(module: &str) -> bool {
+    let out = Command::new(NGINX).arg("-V").output().expect("nginx -V");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text.contains(&format!("--without-http_{module}_module"))
+}
+
 /// nginx serving `root` on 127.0.0.1:`port`; `extra` goes into the server block.
 pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Server {
     let conf = dir.join(format!("nginx-{port}.conf"));
     let d = dir.display();
+    let mut temp = format!("client_body_temp_path {d}/nx-body;\n");
+    for m in ["proxy", "fastcgi", "uwsgi", "scgi"] {
+        if !nginx_lacks(m) {
+            temp += &format!("  {m}_temp_path {d}/nx-{m};\n");
+        }
+    }
     let text = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx-{port}.pid;\n\
          error_log {d}/nginx-{port}.err warn;\nevents {{ worker_connections 256; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/nx-body;\n\
-         proxy_temp_path {d}/nx-proxy;\n  fastcgi_temp_path {d}/nx-fcgi;\n\
-         uwsgi_temp_path {d}/nx-uwsgi;\n  scgi_temp_path {d}/nx-scgi;\n\
+         http {{\n  access_log off;\n  {temp}  default_type application/octet-stream;\n\
          server {{\n    listen 127.0.0.1:{port};\n    root {};\n    {extra}\n  }}\n}}\n",
         root.display()
     );
     std::fs::write(&conf, text).expect("nginx config");
-    let cmd = args(&[
-        "nginx",
-        "-e",
-        &format!("{d}/nginx-{port}.err"),
-        "-c",
-        &conf.display().to_string(),
-    ]);
+    let err = format!("{d}/nginx-{port}.err");
+    let cmd = args(&[NGINX, "-e", &err, "-c", &conf.display().to_string()]);
     Server::start("nginx", cmd, Listen::Tcp(port))
 }
