@@ -1,0 +1,202 @@
+//! The connections of one export: one, or several when the server says they share one
+//! cache (NBD_FLAG_CAN_MULTI_CONN). A lost connection is reopened with backoff (50 ms
+//! doubling to 1 s) by whichever caller needs it next; the export must keep its size.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::conn::Conn;
+use crate::source::uri::NbdAddr;
+
+/// Connections opened when the server allows several.
+pub const MULTI_CONN: usize = 4;
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+enum Slot {
+    Up(Arc<Conn>),
+    Down {
+        retry_at: Instant,
+        backoff: Duration,
+        last: String,
+    },
+}
+
+/// Why no connection can be had now.
+pub enum NoConn {
+    /// Try again at this instant; the last problem seen.
+    Later(Instant, String),
+    /// The export is not the one mounted any more: give up.
+    Changed(String),
+}
+
+pub struct Pool {
+    addr: NbdAddr,
+    size: u64,
+    /// Bounds writes, and each connect and handshake.
+    io_timeout: Duration,
+    slots: Vec<Mutex<Slot>>,
+    next: AtomicUsize,
+    changed: Mutex<Option<String>>,
+}
+
+impl Pool {
+    /// A pool around the first connection, made at mount.
+    pub fn new(addr: &NbdAddr, first: Conn, io_timeout: Duration) -> Pool {
+        let n = if first.info.multi_conn() {
+            MULTI_CONN
+        } else {
+            1
+        };
+        let size = first.info.size;
+        let mut slots = vec![Mutex::new(Slot::Up(Arc::new(first)))];
+        for _ in 1..n {
+            slots.push(Mutex::new(Slot::Down {
+                retry_at: Instant::now(),
+                backoff: BACKOFF_START,
+                last: "not connected yet".into(),
+            }));
+        }
+        Pool {
+            addr: addr.clone(),
+            size,
+            io_timeout,
+            slots,
+            next: AtomicUsize::new(0),
+            changed: Mutex::new(None),
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn changed(&self) -> Option<String> {
+        self.changed.lock().clone()
+    }
+
+    fn live(&self, i: usize) -> Option<Arc<Conn>> {
+        match &*self.slots[i].try_lock()? {
+            Slot::Up(c) if c.dead().is_none() => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// A connection to send a request on: the next one in turn, (re)opening it if its
+    /// time has come, else any live one.
+    pub fn get(&self, deadline: Instant) -> Result<Arc<Conn>, NoConn> {
+        if let Some(c) = self.changed() {
+            return Err(NoConn::Changed(c));
+        }
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if let Some(c) = self.live(start) {
+            return Ok(c);
+        }
+        let (t, m) = match self.reopen(start, deadline) {
+            Ok(c) => return Ok(c),
+            Err(NoConn::Changed(m)) => return Err(NoConn::Changed(m)),
+            Err(NoConn::Later(t, m)) => (t, m),
+        };
+        for k in 1..n {
+            if let Some(c) = self.live((start + k) % n) {
+                return Ok(c);
+            }
+        }
+        Err(NoConn::Later(t, m))
+    }
+
+    /// Reopens slot `i` if it is down and due; waits for its lock no later than the
+    /// deadline (another caller may be reconnecting it).
+    fn reopen(&self, i: usize, deadline: Instant) -> Result<Arc<Conn>, NoConn> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let Some(mut slot) = self.slots[i].try_lock_for(wait) else {
+            return Err(NoConn::Later(deadline, "reconnecting".into()));
+        };
+        let now = Instant::now();
+        let backoff = match &*slot {
+            Slot::Up(c) => match c.dead() {
+                None => return Ok(c.clone()),
+                Some(why) => {
+                    log::warn!("{}: connection lost ({why}); reconnecting", self.addr.uri);
+                    *slot = Slot::Down {
+                        retry_at: now,
+                        backoff: BACKOFF_START,
+                        last: why,
+                    };
+                    BACKOFF_START
+                }
+            },
+            Slot::Down {
+                retry_at,
+                backoff,
+                last,
+            } => {
+                if *retry_at > now {
+                    return Err(NoConn::Later(*retry_at, last.clone()));
+                }
+                *backoff
+            }
+        };
+        let timeout = self
+            .io_timeout
+            .min(deadline.saturating_duration_since(now))
+            .max(Duration::from_millis(10));
+        match Conn::open(
+            &self.addr.server,
+            &self.addr.export,
+            timeout,
+            self.io_timeout,
+        ) {
+            Ok(c) if c.info.size != self.size => {
+                let m = format!(
+                    "the export changed size from {} to {} bytes after a reconnect: \
+                     it is not the image that was mounted",
+                    self.size, c.info.size
+                );
+                log::error!("{}: {m}", self.addr.uri);
+                *self.changed.lock() = Some(m.clone());
+                Err(NoConn::Changed(m))
+            }
+            Ok(c) => {
+                log::info!("{}: reconnected", self.addr.uri);
+                let c = Arc::new(c);
+                *slot = Slot::Up(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                log::debug!("{}: reconnect failed: {e}", self.addr.uri);
+                let retry_at = Instant::now() + backoff;
+                *slot = Slot::Down {
+                    retry_at,
+                    backoff: (backoff * 2).min(BACKOFF_MAX),
+                    last: e.clone(),
+                };
+                Err(NoConn::Later(retry_at, e))
+            }
+        }
+    }
+
+    /// Drops a connection that failed (the next `get` reopens its slot).
+    pub fn lost(&self, c: &Arc<Conn>, why: &str) {
+        c.kill(why);
+    }
+
+    /// NBD_CMD_DISC on every live connection.
+    pub fn close(&self) {
+        for s in &self.slots {
+            let mut s = s.lock();
+            if let Slot::Up(c) = &*s {
+                c.disconnect();
+            }
+            *s = Slot::Down {
+                retry_at: Instant::now() + Duration::from_secs(86400 * 365),
+                backoff: BACKOFF_MAX,
+                last: "closed".into(),
+            };
+        }
+    }
+}
