@@ -268,7 +268,7 @@ fn block_sizes_are_honoured_and_large_reads_split() {
     let src = NbdSource::connect(&listen.addr("exp"), &opts(Duration::from_secs(30))).unwrap();
     odd_reads(&src, &data);
     let (k, l) = src.extent(4097, 100).unwrap();
-    assert!(l >= 1 && l <= 100, "{k:?} {l}");
+    assert!((1..=100).contains(&l), "{k:?} {l}");
 }
 
 #[test]
@@ -472,6 +472,8 @@ fn connect_to_a_silent_server_is_bounded_by_the_timeout() {
     drop(keep.join());
 }
 
+type StartFn<'a> = Box<dyn Fn(&Listen) -> Server + 'a>;
+
 #[test]
 fn many_threads_read_concurrently() {
     if !have("nbdkit") || !have("qemu-nbd") {
@@ -481,7 +483,7 @@ fn many_threads_read_concurrently() {
     let file = d.path().join("img.raw");
     let data = Arc::new(random_file(&file, (16 * MIB + 512) as usize, 6));
     // nbdkit's file plugin allows several connections; qemu-nbd read-only also.
-    let servers: [(&str, Box<dyn Fn(&Listen) -> Server>); 2] = [
+    let servers: [(&str, StartFn); 2] = [
         (
             "nbdkit",
             Box::new(|l: &Listen| nbdkit(d.path(), l, &["file", file.to_str().unwrap()])),
@@ -687,7 +689,7 @@ fn disconnect_is_polite() {
     let t = Instant::now();
     loop {
         let text = fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("NBD_CMD_DISC") || text.contains("disconnect") {
+        if text.contains("NBD_CMD_DISC") {
             break;
         }
         assert!(

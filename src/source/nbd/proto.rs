@@ -8,7 +8,7 @@ use crate::source::Extent;
 // Handshake.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x00_4202_8186_1253;
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
 // Handshake flags (server) and client flags.
@@ -437,7 +437,7 @@ pub fn parse_data_offset(p: &[u8; 8]) -> u64 {
 
 /// An NBD_REPLY_TYPE_BLOCK_STATUS payload: context id and (length, flags) descriptors.
 pub fn parse_block_status(p: &[u8]) -> Wire<(u32, Vec<(u32, u32)>)> {
-    if p.len() < 12 || (p.len() - 4) % 8 != 0 {
+    if p.len() < 12 || !(p.len() - 4).is_multiple_of(8) {
         return Err(format!(
             "NBD_REPLY_TYPE_BLOCK_STATUS of {} bytes (4 + a positive multiple of 8)",
             p.len()

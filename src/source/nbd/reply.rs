@@ -323,7 +323,7 @@ mod tests {
                 chunk(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, &[]),
             ],
         );
-        assert_eq!(r, Ok(Ok(Answer::Data(b"12\0\05678".to_vec()))));
+        assert_eq!(r, Ok(Ok(Answer::Data(b"12\x00\x005678".to_vec()))));
         // DONE on a content chunk.
         let r = feed(
             READ,
