@@ -2,7 +2,7 @@
 //! cache (NBD_FLAG_CAN_MULTI_CONN). A lost connection is reopened with backoff (50 ms
 //! doubling to 1 s) by whichever caller needs it next; the export must keep its size.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,11 @@ pub struct Pool {
     /// Bounds writes, and each connect and handshake.
     io_timeout: Duration,
     slots: Vec<Mutex<Slot>>,
+    /// Per slot: a background thread is reopening it.
+    opening: Vec<AtomicBool>,
     next: AtomicUsize,
     changed: Mutex<Option<String>>,
+    closed: AtomicBool,
 }
 
 impl Pool {
@@ -64,9 +67,11 @@ impl Pool {
             addr: addr.clone(),
             size,
             io_timeout,
+            opening: (0..n).map(|_| AtomicBool::new(false)).collect(),
             slots,
             next: AtomicUsize::new(0),
             changed: Mutex::new(None),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -85,9 +90,10 @@ impl Pool {
         }
     }
 
-    /// A connection to send a request on: the next one in turn, (re)opening it if its
-    /// time has come, else any live one.
-    pub fn get(&self, deadline: Instant) -> Result<Arc<Conn>, NoConn> {
+    /// A connection to send a request on: the next one in turn if it is up, else any
+    /// live one (the next one is then reopened in the background, if due), else the next
+    /// one reopened now.
+    pub fn get(self: &Arc<Self>, deadline: Instant) -> Result<Arc<Conn>, NoConn> {
         if let Some(c) = self.changed() {
             return Err(NoConn::Changed(c));
         }
@@ -96,17 +102,37 @@ impl Pool {
         if let Some(c) = self.live(start) {
             return Ok(c);
         }
-        let (t, m) = match self.reopen(start, deadline) {
-            Ok(c) => return Ok(c),
-            Err(NoConn::Changed(m)) => return Err(NoConn::Changed(m)),
-            Err(NoConn::Later(t, m)) => (t, m),
-        };
         for k in 1..n {
             if let Some(c) = self.live((start + k) % n) {
+                self.reopen_aside(start);
                 return Ok(c);
             }
         }
-        Err(NoConn::Later(t, m))
+        self.reopen(start, deadline)
+    }
+
+    /// Reopens slot `i` in a thread of its own if it is down and due, so that a
+    /// request with a live connection at hand never waits for a connect.
+    fn reopen_aside(self: &Arc<Self>, i: usize) {
+        if self.opening[i].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let due = self.slots[i].try_lock().is_some_and(|s| match &*s {
+            Slot::Up(c) => c.dead().is_some(),
+            Slot::Down { retry_at, .. } => *retry_at <= Instant::now(),
+        });
+        let pool = self.clone();
+        let spawned = due
+            && std::thread::Builder::new()
+                .name("nbd-connect".into())
+                .spawn(move || {
+                    let _ = pool.reopen(i, Instant::now() + pool.io_timeout);
+                    pool.opening[i].store(false, Ordering::Release);
+                })
+                .is_ok();
+        if !spawned {
+            self.opening[i].store(false, Ordering::Release);
+        }
     }
 
     /// Reopens slot `i` if it is down and due; waits for its lock no later than the
@@ -161,8 +187,11 @@ impl Pool {
                 *self.changed.lock() = Some(m.clone());
                 Err(NoConn::Changed(m))
             }
+            Ok(_) if self.closed.load(Ordering::SeqCst) => {
+                Err(NoConn::Later(deadline, "closed".into()))
+            }
             Ok(c) => {
-                log::info!("{}: reconnected", self.addr.uri);
+                log::info!("{}: connected", self.addr.uri);
                 let c = Arc::new(c);
                 *slot = Slot::Up(c.clone());
                 Ok(c)
@@ -187,6 +216,7 @@ impl Pool {
 
     /// NBD_CMD_DISC on every live connection.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         for s in &self.slots {
             let mut s = s.lock();
             if let Slot::Up(c) = &*s {
