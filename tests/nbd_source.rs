@@ -700,3 +700,46 @@ fn disconnect_is_polite() {
     }
     drop(srv);
 }
+
+#[test]
+fn requests_are_pipelined_on_one_connection() {
+    if !have("nbdkit") {
+        return;
+    }
+    // One connection only (no multi-conn), each read answered after 0.5 s: 8 reads
+    // from 8 threads take about 0.5 s together if they are in flight at once, 4 s if not.
+    let d = tempdir();
+    let listen = Listen::Unix(d.path().join("s.sock"));
+    let _srv = nbdkit(
+        d.path(),
+        &listen,
+        &[
+            "--filter=multi-conn",
+            "--filter=delay",
+            "pattern",
+            "4M",
+            "rdelay=500ms",
+            "multi-conn-mode=disable",
+        ],
+    );
+    let src =
+        Arc::new(NbdSource::connect(&listen.addr("exp"), &opts(Duration::from_secs(30))).unwrap());
+    assert_eq!(src.connections(), 1);
+    let t = Instant::now();
+    let hs: Vec<_> = (0..8u64)
+        .map(|i| {
+            let src = src.clone();
+            thread::spawn(move || {
+                let mut b = vec![0u8; 4096];
+                assert_eq!(src.read_at(&mut b, i * 65536).unwrap(), 4096);
+                // The pattern plugin: each 8-byte word is its own offset.
+                assert_eq!(&b[8..16], &(i * 65536 + 8).to_be_bytes());
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+}
