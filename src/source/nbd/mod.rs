@@ -19,6 +19,7 @@ mod proto;
 mod reply;
 mod socket;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,9 @@ use self::reply::{Answer, Cmd, ReqError};
 use super::uri::NbdAddr;
 use super::{Extent, RemoteOptions, Source};
 use crate::{Error, Result};
+
+/// Requests of one read in flight at once (at most 8 x 32 MiB buffered).
+const IN_FLIGHT: usize = 8;
 
 /// A duration for messages: "2 s", "0.5 s".
 fn secs(d: Duration) -> String {
@@ -269,22 +273,24 @@ impl Source for NbdSource {
         if n == 0 {
             return Ok(0);
         }
-        // Whole minimum blocks, split at the payload limit, all sent before waiting.
+        // Whole minimum blocks, split at the payload limit; up to IN_FLIGHT pieces are
+        // sent before the first is waited for.
         let (start, end) = self.aligned(off, n as u64);
-        let mut pieces = Vec::new();
+        let mut inflight = VecDeque::new();
         let mut at = start;
-        while at < end {
-            let l = (end - at).min(self.max_payload);
-            let cmd = Cmd::Read {
-                off: at,
-                len: l as u32,
-            };
-            pieces.push((cmd, self.try_submit(cmd, deadline)));
-            at += l;
-        }
-        for (cmd, sent) in pieces {
-            let Cmd::Read { off: p, .. } = cmd else {
+        while at < end || !inflight.is_empty() {
+            if at < end && inflight.len() < IN_FLIGHT {
+                let l = (end - at).min(self.max_payload);
+                let cmd = Cmd::Read {
+                    off: at,
+                    len: l as u32,
+                };
+                inflight.push_back((at, cmd, self.try_submit(cmd, deadline)));
+                at += l;
                 continue;
+            }
+            let Some((p, cmd, sent)) = inflight.pop_front() else {
+                break;
             };
             let Answer::Data(data) = self.run(cmd, deadline, sent)? else {
                 return Err(self.err("a read answered with block status"));

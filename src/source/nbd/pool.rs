@@ -140,7 +140,8 @@ impl Pool {
     fn reopen(&self, i: usize, deadline: Instant) -> Result<Arc<Conn>, NoConn> {
         let wait = deadline.saturating_duration_since(Instant::now());
         let Some(mut slot) = self.slots[i].try_lock_for(wait) else {
-            return Err(NoConn::Later(deadline, "reconnecting".into()));
+            // Another caller is reconnecting it; its outcome will say more.
+            return Err(NoConn::Later(deadline, String::new()));
         };
         let now = Instant::now();
         let backoff = match &*slot {
@@ -218,7 +219,11 @@ impl Pool {
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         for s in &self.slots {
-            let mut s = s.lock();
+            // A slot being reopened is left alone: its opener sees `closed` and drops
+            // the new connection.
+            let Some(mut s) = s.try_lock_for(Duration::from_millis(200)) else {
+                continue;
+            };
             if let Slot::Up(c) = &*s {
                 c.disconnect();
             }
