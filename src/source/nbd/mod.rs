@@ -16,6 +16,7 @@ mod fake;
 mod handshake;
 mod pool;
 mod proto;
+mod readahead;
 mod reply;
 mod socket;
 
@@ -28,6 +29,7 @@ use parking_lot::Mutex;
 
 use self::conn::{Conn, Ticket};
 use self::pool::{NoConn, Pool};
+use self::readahead::Readahead;
 use self::reply::{Answer, Cmd, ReqError};
 use super::uri::NbdAddr;
 use super::{Extent, RemoteOptions, Source};
@@ -59,6 +61,7 @@ pub struct NbdSource {
     pool: Arc<Pool>,
     closed: AtomicBool,
     status: Mutex<StatusCache>,
+    readahead: Readahead,
 }
 
 impl NbdSource {
@@ -99,6 +102,7 @@ impl NbdSource {
             pool,
             closed: AtomicBool::new(false),
             status: Mutex::new(None),
+            readahead: Readahead::new(),
         })
     }
 
@@ -250,29 +254,10 @@ impl NbdSource {
         }
         Ok(v)
     }
-}
 
-impl Source for NbdSource {
-    fn name(&self) -> &str {
-        &self.uri
-    }
-
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
-        let deadline = Instant::now() + self.timeout;
-        self.check_open()?;
-        let n = if off >= self.size {
-            0
-        } else {
-            (buf.len() as u64).min(self.size - off) as usize
-        };
-        buf[n..].fill(0);
-        if n == 0 {
-            return Ok(0);
-        }
+    /// Reads [off, off+buf.len()) (inside the export) from the server.
+    fn read_pieces(&self, buf: &mut [u8], off: u64, deadline: Instant) -> Result<()> {
+        let n = buf.len();
         // Whole minimum blocks, split at the payload limit; up to IN_FLIGHT pieces are
         // sent before the first is waited for.
         let (start, end) = self.aligned(off, n as u64);
@@ -303,6 +288,59 @@ impl Source for NbdSource {
                     .copy_from_slice(&data[(s - p) as usize..(e - p) as usize]);
             }
         }
+        Ok(())
+    }
+
+    /// Requests the readahead window from `at`, on a connection already up.
+    fn read_ahead(&self, at: u64) {
+        let start = self.round_down(at);
+        if start >= self.size {
+            return;
+        }
+        let len = readahead::WINDOW
+            .min(self.max_payload)
+            .min(self.size - start);
+        let Some(c) = self.pool.get_live() else {
+            return;
+        };
+        let cmd = Cmd::Read {
+            off: start,
+            len: len as u32,
+        };
+        if let Ok(t) = c.submit(cmd) {
+            log::trace!("{}: readahead of {len} bytes at {start}", self.uri);
+            self.readahead.add(start, len, c, t);
+        }
+    }
+}
+
+impl Source for NbdSource {
+    fn name(&self) -> &str {
+        &self.uri
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
+        let deadline = Instant::now() + self.timeout;
+        self.check_open()?;
+        let n = if off >= self.size {
+            0
+        } else {
+            (buf.len() as u64).min(self.size - off) as usize
+        };
+        buf[n..].fill(0);
+        if n == 0 {
+            return Ok(0);
+        }
+        if !self.readahead.serve(&mut buf[..n], off, deadline) {
+            self.read_pieces(&mut buf[..n], off, deadline)?;
+        }
+        if let Some(next) = self.readahead.after_read(off, n as u64) {
+            self.read_ahead(next);
+        }
         Ok(n)
     }
 
@@ -329,6 +367,7 @@ impl Source for NbdSource {
 
     fn close(&self) {
         if !self.closed.swap(true, Ordering::SeqCst) {
+            self.readahead.clear();
             self.pool.close();
         }
     }

@@ -111,6 +111,13 @@ impl Pool {
         self.reopen(start, deadline)
     }
 
+    /// A live connection if there is one, without connecting.
+    pub fn get_live(&self) -> Option<Arc<Conn>> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).find_map(|k| self.live((start + k) % n))
+    }
+
     /// Reopens slot `i` in a thread of its own if it is down and due, so that a
     /// request with a live connection at hand never waits for a connect.
     fn reopen_aside(self: &Arc<Self>, i: usize) {
