@@ -1,0 +1,612 @@
+//! NBD client byte source: an export read over the NBD protocol (doc/proto.md of the
+//! NBD project), fixed newstyle with structured replies and base:allocation.
+//!
+//! - `proto`: the wire format, pure encoders and decoders;
+//! - `socket`: TCP (TCP_NODELAY, connect timeout) or Unix socket streams;
+//! - `handshake`: option haggling up to NBD_OPT_GO;
+//! - `reply`: assembling one request's reply from simple replies or chunks;
+//! - `conn`: one connection, requests pipelined by cookie, a reader thread;
+//! - `pool`: one or several connections (multi-conn), reconnect with backoff;
+//! - here: `NbdSource`, which splits and aligns reads, retries requests whose
+//!   connection was lost until the timeout, and answers block status.
+
+mod conn;
+#[cfg(test)]
+mod fake;
+mod handshake;
+mod pool;
+mod proto;
+mod readahead;
+mod reply;
+mod socket;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use self::conn::{Conn, Ticket};
+use self::pool::{NoConn, Pool};
+use self::readahead::Readahead;
+use self::reply::{Answer, Cmd, ReqError};
+use super::uri::NbdAddr;
+use super::{Extent, RemoteOptions, Source};
+use crate::{Error, Result};
+
+/// Requests of one read in flight at once (at most 8 x 32 MiB buffered).
+const IN_FLIGHT: usize = 8;
+
+/// A duration for messages: "2 s", "0.5 s".
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The last block status answer: extents (start, end, kind) in order.
+type StatusCache = Option<Vec<(u64, u64, Extent)>>;
+
+pub struct NbdSource {
+    uri: String,
+    size: u64,
+    timeout: Duration,
+    min_block: u64,
+    max_payload: u64,
+    block_status: bool,
+    pool: Arc<Pool>,
+    closed: AtomicBool,
+    status: Mutex<StatusCache>,
+    readahead: Readahead,
+}
+
+impl NbdSource {
+    /// Connects to the export at mount: an unreachable server or an unknown export is
+    /// an error at once (no waiting for the timeout).
+    pub fn connect(addr: &NbdAddr, opts: &RemoteOptions) -> Result<NbdSource> {
+        let timeout = opts.timeout.max(Duration::from_millis(100));
+        let first = Conn::open(&addr.server, &addr.export, timeout, timeout)
+            .map_err(|e| Error::remote(&addr.uri, e))?;
+        let info = first.info.clone();
+        let pool = Arc::new(Pool::new(addr, first, timeout));
+        log::info!(
+            "{}: NBD export of {} bytes, blocks {}/{}/{}, {} replies, {}, {} connection(s)",
+            addr.uri,
+            info.size,
+            info.min_block,
+            info.pref_block,
+            info.max_payload,
+            if info.structured {
+                "structured"
+            } else {
+                "simple"
+            },
+            if info.meta_id.is_some() {
+                "base:allocation"
+            } else {
+                "no block status"
+            },
+            pool.connections()
+        );
+        Ok(NbdSource {
+            uri: addr.uri.clone(),
+            size: info.size,
+            timeout,
+            min_block: info.min_block as u64,
+            max_payload: info.max_payload as u64,
+            block_status: info.meta_id.is_some(),
+            pool,
+            closed: AtomicBool::new(false),
+            status: Mutex::new(None),
+            readahead: Readahead::new(),
+        })
+    }
+
+    /// How many connections the export may use (1, or more with multi-conn).
+    pub fn connections(&self) -> usize {
+        self.pool.connections()
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::remote(&self.uri, msg)
+    }
+
+    fn what(cmd: Cmd) -> String {
+        match cmd {
+            Cmd::Read { off, len } => format!("reading {len} bytes at offset {off}"),
+            Cmd::BlockStatus { off, len } => {
+                format!("block status of {len} bytes at offset {off}")
+            }
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(self.err("the NBD session is closed"));
+        }
+        if let Some(m) = self.pool.changed() {
+            return Err(self.err(m));
+        }
+        Ok(())
+    }
+
+    /// Sends `cmd` if a connection is at hand now (else `run` will retry it).
+    fn try_submit(&self, cmd: Cmd, deadline: Instant) -> Option<(Arc<Conn>, Ticket)> {
+        let c = self.pool.get(deadline).ok()?;
+        match c.submit(cmd) {
+            Ok(t) => Some((c, t)),
+            Err(_) => None,
+        }
+    }
+
+    /// Gets the answer to `cmd`, already sent as `sent` or not: retried on another
+    /// connection whenever one is lost, until the deadline.
+    fn run(
+        &self,
+        cmd: Cmd,
+        deadline: Instant,
+        mut sent: Option<(Arc<Conn>, Ticket)>,
+    ) -> Result<Answer> {
+        let mut last = String::new();
+        loop {
+            if let Some((c, t)) = sent.take() {
+                match c.wait(t, deadline) {
+                    Ok(a) => return Ok(a),
+                    Err(ReqError::Server { errno, msg }) => {
+                        let mut m = format!(
+                            "the server failed {}: {}",
+                            Self::what(cmd),
+                            proto::errno_name(errno)
+                        );
+                        if !msg.is_empty() {
+                            m = format!("{m}: {msg}");
+                        }
+                        return Err(self.err(m));
+                    }
+                    Err(ReqError::Protocol(m)) => {
+                        return Err(self.err(format!(
+                            "{}: the server broke the NBD protocol: {m}",
+                            Self::what(cmd)
+                        )))
+                    }
+                    Err(ReqError::Timeout) => break,
+                    Err(ReqError::Lost(why)) => {
+                        self.pool.lost(&c, &why);
+                        last = why;
+                    }
+                }
+            }
+            self.check_open()?;
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.pool.get(deadline) {
+                Ok(c) => match c.submit(cmd) {
+                    Ok(t) => sent = Some((c, t)),
+                    Err(ReqError::Lost(why)) => {
+                        self.pool.lost(&c, &why);
+                        last = why;
+                    }
+                    Err(e) => last = format!("{e:?}"),
+                },
+                Err(NoConn::Changed(m)) => return Err(self.err(m)),
+                Err(NoConn::Later(at, why)) => {
+                    if !why.is_empty() {
+                        last = why;
+                    }
+                    let until = at.min(deadline);
+                    let now = Instant::now();
+                    if until > now {
+                        std::thread::sleep(until - now);
+                    }
+                }
+            }
+        }
+        let mut m = format!(
+            "no answer within {} {}",
+            secs(self.timeout),
+            Self::what(cmd)
+        );
+        if !last.is_empty() {
+            m = format!("{m} (last problem: {last})");
+        }
+        Err(self.err(m))
+    }
+
+    fn round_down(&self, x: u64) -> u64 {
+        x / self.min_block * self.min_block
+    }
+
+    /// [start, end) around [off, off+len) in whole minimum blocks, inside the export.
+    fn aligned(&self, off: u64, len: u64) -> (u64, u64) {
+        let start = self.round_down(off);
+        let end = (off + len).div_ceil(self.min_block) * self.min_block;
+        (start, end.min(self.size))
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> Result<Vec<(u64, u64, Extent)>> {
+        let deadline = Instant::now() + self.timeout;
+        let (start, end) = self.aligned(off, len);
+        let max = self.round_down(u32::MAX as u64);
+        let rlen = (end - start).min(max) as u32;
+        let cmd = Cmd::BlockStatus {
+            off: start,
+            len: rlen,
+        };
+        let sent = self.try_submit(cmd, deadline);
+        let Answer::Extents(d) = self.run(cmd, deadline, sent)? else {
+            return Err(self.err("a block status request answered with data"));
+        };
+        let mut v = Vec::with_capacity(d.len());
+        let mut at = start;
+        for (l, flags) in d {
+            if at >= self.size {
+                break;
+            }
+            let e = (at + l as u64).min(self.size);
+            v.push((at, e, proto::extent_of(flags)));
+            at = e;
+        }
+        Ok(v)
+    }
+
+    /// Reads [off, off+buf.len()) (inside the export) from the server.
+    fn read_pieces(&self, buf: &mut [u8], off: u64, deadline: Instant) -> Result<()> {
+        let n = buf.len();
+        // Whole minimum blocks, split at the payload limit; up to IN_FLIGHT pieces are
+        // sent before the first is waited for.
+        let (start, end) = self.aligned(off, n as u64);
+        let mut inflight = VecDeque::new();
+        let mut at = start;
+        while at < end || !inflight.is_empty() {
+            if at < end && inflight.len() < IN_FLIGHT {
+                let l = (end - at).min(self.max_payload);
+                let cmd = Cmd::Read {
+                    off: at,
+                    len: l as u32,
+                };
+                inflight.push_back((at, cmd, self.try_submit(cmd, deadline)));
+                at += l;
+                continue;
+            }
+            let Some((p, cmd, sent)) = inflight.pop_front() else {
+                break;
+            };
+            let Answer::Data(data) = self.run(cmd, deadline, sent)? else {
+                return Err(self.err("a read answered with block status"));
+            };
+            // The part of [p, p+len) inside [off, off+n).
+            let s = p.max(off);
+            let e = (p + data.len() as u64).min(off + n as u64);
+            if s < e {
+                buf[(s - off) as usize..(e - off) as usize]
+                    .copy_from_slice(&data[(s - p) as usize..(e - p) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests the readahead window from `at`, on a connection already up.
+    fn read_ahead(&self, at: u64) {
+        let start = self.round_down(at);
+        if start >= self.size {
+            return;
+        }
+        let len = readahead::WINDOW
+            .min(self.max_payload)
+            .min(self.size - start);
+        let Some(c) = self.pool.get_live() else {
+            return;
+        };
+        let cmd = Cmd::Read {
+            off: start,
+            len: len as u32,
+        };
+        if let Ok(t) = c.submit(cmd) {
+            log::trace!("{}: readahead of {len} bytes at {start}", self.uri);
+            self.readahead.add(start, len, c, t);
+        }
+    }
+}
+
+impl Source for NbdSource {
+    fn name(&self) -> &str {
+        &self.uri
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
+        let deadline = Instant::now() + self.timeout;
+        self.check_open()?;
+        let n = if off >= self.size {
+            0
+        } else {
+            (buf.len() as u64).min(self.size - off) as usize
+        };
+        buf[n..].fill(0);
+        if n == 0 {
+            return Ok(0);
+        }
+        if !self.readahead.serve(&mut buf[..n], off, deadline) {
+            self.read_pieces(&mut buf[..n], off, deadline)?;
+        }
+        if let Some(next) = self.readahead.after_read(off, n as u64) {
+            self.read_ahead(next);
+        }
+        Ok(n)
+    }
+
+    fn extent(&self, off: u64, len: u64) -> Result<(Extent, u64)> {
+        if len == 0 || !self.block_status || off >= self.size {
+            return Ok((Extent::Data, len));
+        }
+        self.check_open()?;
+        let len = len.min(self.size - off);
+        let find = |v: &[(u64, u64, Extent)]| {
+            v.iter()
+                .find(|&&(s, e, _)| s <= off && off < e)
+                .map(|&(_, e, k)| (k, (e - off).min(len)))
+        };
+        if let Some(r) = self.status.lock().as_deref().and_then(find) {
+            return Ok(r);
+        }
+        let v = self.block_status(off, len)?;
+        let r = find(&v);
+        *self.status.lock() = Some(v);
+        // A server may describe less than asked: what it left out counts as data.
+        Ok(r.unwrap_or((Extent::Data, len.min(self.min_block.max(1)))))
+    }
+
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            self.readahead.clear();
+            self.pool.close();
+        }
+    }
+}
+
+impl Drop for NbdSource {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{self, byte, chunk, data_chunk, error_chunk, Req};
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn open(f: &fake::Fake, timeout_ms: u64) -> NbdSource {
+        let o = RemoteOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            ..RemoteOptions::default()
+        };
+        NbdSource::connect(&f.addr, &o).unwrap()
+    }
+
+    fn good(s: &mut UnixStream, r: Req) -> bool {
+        data_chunk(s, proto::REPLY_FLAG_DONE, r.cookie, r.off, r.len);
+        true
+    }
+
+    fn read(src: &NbdSource, off: u64, len: usize) -> Result<Vec<u8>> {
+        let mut b = vec![0xeeu8; len];
+        let n = src.read_at(&mut b, off)?;
+        assert_eq!(n, len.min(SIZE.saturating_sub(off) as usize));
+        Ok(b)
+    }
+
+    fn expect(off: u64, len: usize) -> Vec<u8> {
+        (off..off + len as u64)
+            .map(|o| if o < SIZE { byte(o) } else { 0 })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_out_of_order_with_holes() {
+        let f = fake::serve(
+            true,
+            SIZE,
+            Box::new(|s, r| {
+                // Second half first, then a hole of 8 bytes, then the first part.
+                let half = r.len / 2;
+                data_chunk(s, 0, r.cookie, r.off + half as u64, r.len - half);
+                let mut p = r.off.to_be_bytes().to_vec();
+                p.extend_from_slice(&8u32.to_be_bytes());
+                chunk(s, 0, proto::REPLY_TYPE_OFFSET_HOLE, r.cookie, &p);
+                data_chunk(s, 0, r.cookie, r.off + 8, half - 8);
+                chunk(
+                    s,
+                    proto::REPLY_FLAG_DONE,
+                    proto::REPLY_TYPE_NONE,
+                    r.cookie,
+                    &[],
+                );
+                true
+            }),
+        );
+        let src = open(&f, 5000);
+        let got = read(&src, 1000, 100).unwrap();
+        let mut want = expect(1000, 100);
+        want[..8].fill(0);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn bad_magic_and_unknown_cookie_drop_the_connection_not_the_process() {
+        for bad in [0u8, 1] {
+            let f = fake::serve(
+                true,
+                SIZE,
+                Box::new(move |s, r| {
+                    if bad == 0 {
+                        let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]);
+                    } else {
+                        data_chunk(s, proto::REPLY_FLAG_DONE, r.cookie ^ 0x5555, r.off, r.len);
+                    }
+                    true
+                }),
+            );
+            let src = open(&f, 1000);
+            let t = Instant::now();
+            let e = read(&src, 0, 512).unwrap_err().to_string();
+            assert!(e.contains("no answer within 1 s"), "{e}");
+            assert!(
+                e.contains("bad reply magic") || e.contains("unknown cookie"),
+                "{e}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(4));
+            assert!(f.connections.load(Ordering::SeqCst) > 1, "reconnected");
+        }
+    }
+
+    #[test]
+    fn hostile_chunk_fails_that_read_at_once() {
+        let f = fake::serve(
+            true,
+            SIZE,
+            Box::new(|s, r| {
+                // Claims 4 GiB of data at the read's offset.
+                let mut v = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                v.extend_from_slice(&proto::REPLY_FLAG_DONE.to_be_bytes());
+                v.extend_from_slice(&proto::REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+                v.extend_from_slice(&r.cookie.to_be_bytes());
+                v.extend_from_slice(&u32::MAX.to_be_bytes());
+                v.extend_from_slice(&r.off.to_be_bytes());
+                let _ = s.write_all(&v);
+                true
+            }),
+        );
+        let src = open(&f, 30_000);
+        let t = Instant::now();
+        let e = read(&src, 4096, 512).unwrap_err().to_string();
+        assert!(e.contains("broke the NBD protocol"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn server_errors_are_final_and_shutdown_is_retried() {
+        let f = fake::serve(
+            true,
+            SIZE,
+            Box::new(|s, r| {
+                if r.off == 0 {
+                    error_chunk(s, r.cookie, proto::ENOSPC, "full");
+                } else if r.n == 0 {
+                    error_chunk(s, r.cookie, proto::ESHUTDOWN, "bye");
+                    return false;
+                } else {
+                    data_chunk(s, proto::REPLY_FLAG_DONE, r.cookie, r.off, r.len);
+                }
+                true
+            }),
+        );
+        let src = open(&f, 30_000);
+        // The first request gets ESHUTDOWN: retried on a new connection.
+        assert_eq!(read(&src, 512, 512).unwrap(), expect(512, 512));
+        assert_eq!(f.connections.load(Ordering::SeqCst), 2);
+        let t = Instant::now();
+        let e = read(&src, 0, 512).unwrap_err().to_string();
+        assert!(e.contains("NBD_ENOSPC") && e.contains("full"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn connection_dropped_mid_reply_is_retried() {
+        let f = fake::serve(
+            true,
+            SIZE,
+            Box::new(|s, r| {
+                if r.n % 2 == 0 {
+                    // Half a chunk, then the connection goes.
+                    let mut p = r.off.to_be_bytes().to_vec();
+                    p.extend_from_slice(&[1, 2, 3]);
+                    let mut v = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                    v.extend_from_slice(&1u16.to_be_bytes());
+                    v.extend_from_slice(&proto::REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+                    v.extend_from_slice(&r.cookie.to_be_bytes());
+                    v.extend_from_slice(&(8 + r.len).to_be_bytes());
+                    v.extend_from_slice(&p);
+                    let _ = s.write_all(&v);
+                    return false;
+                }
+                good(s, r)
+            }),
+        );
+        let src = open(&f, 30_000);
+        for i in 0..4 {
+            assert_eq!(read(&src, i * 1000, 700).unwrap(), expect(i * 1000, 700));
+        }
+    }
+
+    #[test]
+    fn reads_split_at_the_payload_limit_and_past_the_end() {
+        // Default sizes: one 33 MiB read is two requests; the end reads as zeros.
+        let big = 40u64 << 20;
+        let f = fake::serve(
+            false,
+            big,
+            Box::new(move |s, r| {
+                assert!(r.len <= 32 << 20);
+                let mut v = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                v.extend_from_slice(&0u32.to_be_bytes());
+                v.extend_from_slice(&r.cookie.to_be_bytes());
+                v.extend((r.off..r.off + r.len as u64).map(byte));
+                s.write_all(&v).is_ok()
+            }),
+        );
+        let src = open(&f, 30_000);
+        let mut b = vec![0xeeu8; 34 << 20];
+        let off = big - (33 << 20);
+        assert_eq!(src.read_at(&mut b, off).unwrap(), 33 << 20);
+        assert!(b[..33 << 20].iter().zip(off..).all(|(&x, o)| x == byte(o)));
+        assert!(b[33 << 20..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn block_status_descriptors() {
+        let f = fake::serve(
+            true,
+            SIZE,
+            Box::new(|s, r| {
+                if r.cmd != proto::CMD_BLOCK_STATUS {
+                    return good(s, r);
+                }
+                let mut p = 1u32.to_be_bytes().to_vec();
+                for (l, fl) in [(4096u32, 0u32), (4096, 2), (8192, 3), (u32::MAX, 1)] {
+                    p.extend_from_slice(&l.to_be_bytes());
+                    p.extend_from_slice(&fl.to_be_bytes());
+                }
+                chunk(
+                    s,
+                    proto::REPLY_FLAG_DONE,
+                    proto::REPLY_TYPE_BLOCK_STATUS,
+                    r.cookie,
+                    &p,
+                );
+                true
+            }),
+        );
+        let src = open(&f, 30_000);
+        assert_eq!(src.extent(0, SIZE).unwrap(), (Extent::Data, 4096));
+        assert_eq!(src.extent(4096, SIZE).unwrap(), (Extent::Zero, 4096));
+        assert_eq!(src.extent(9000, 100).unwrap(), (Extent::Hole, 100));
+        // The last descriptor runs past the export: clipped at its end.
+        assert_eq!(
+            src.extent(16384, SIZE).unwrap(),
+            (Extent::Hole, SIZE - 16384)
+        );
+    }
+}
