@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::source::io::{blk_zeroout, pwrite_all, vanished};
-use crate::source::{Extent, LocalFile, Source};
+use crate::source::{writable_file, Extent, LocalFile, Source};
 use crate::{Error, Result};
 
 pub struct RawImage {
@@ -40,13 +40,7 @@ impl RawImage {
 
     /// The local file, for writing: a remote image is never written.
     fn file(&self) -> Result<&File> {
-        match self.src.local() {
-            Some(l) if self.writable => Ok(l.file()),
-            _ => Err(Error::state(
-                libc::EROFS,
-                format!("{} is open read-only", self.path.display()),
-            )),
-        }
+        writable_file(&*self.src, self.writable)
     }
 
     pub fn source(&self) -> &Arc<dyn Source> {

@@ -57,6 +57,18 @@ pub trait Source: Send + Sync {
     fn close(&self) {}
 }
 
+/// The local file behind `src`, for writing, if the image is open for writing: EROFS
+/// otherwise (a read-only open, or a remote image, which is never written).
+pub fn writable_file(src: &dyn Source, writable: bool) -> Result<&std::fs::File> {
+    match src.local() {
+        Some(l) if writable => Ok(l.file()),
+        _ => Err(crate::Error::state(
+            libc::EROFS,
+            format!("{} is open read-only", src.name()),
+        )),
+    }
+}
+
 /// Settings for remote sources (mount options).
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {

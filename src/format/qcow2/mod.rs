@@ -43,7 +43,7 @@ use self::overlap::{overlaps, Kind, MetaMap};
 use self::refcount::{RefIo, RefSnapshot, Refcounts};
 use super::Mapping;
 use crate::source::io::{fdatasync, pwrite_all, read_exact, vanished};
-use crate::source::{LocalFile, Source};
+use crate::source::{writable_file, LocalFile, Source};
 use crate::{Error, Result};
 
 /// Bytes of L2 tables kept in the cache (per image), and of decompressed clusters.
@@ -443,13 +443,7 @@ impl Qcow2 {
 
     /// The local file, for writing: a remote image is never written.
     fn file(&self) -> Result<&File> {
-        match self.src.local() {
-            Some(l) if self.writable => Ok(l.file()),
-            _ => Err(Error::state(
-                libc::EROFS,
-                format!("{} is open read-only", self.path.display()),
-            )),
-        }
+        writable_file(&*self.src, self.writable)
     }
 
     /// The byte source the image is read from.
