@@ -152,7 +152,15 @@ impl NbdSource {
         mut sent: Option<(Arc<Conn>, Ticket)>,
     ) -> Result<Answer> {
         let mut last = String::new();
+        let mut losses = 0u32;
         loop {
+            if losses > 1 && sent.is_none() {
+                // Connections that keep failing at once (a server answering with
+                // NBD_ESHUTDOWN or garbage): back off as for a refused connect.
+                let pause = Duration::from_millis(25 << losses.min(6)).min(Duration::from_secs(1));
+                let left = deadline.saturating_duration_since(Instant::now());
+                std::thread::sleep(pause.min(left));
+            }
             if let Some((c, t)) = sent.take() {
                 match c.wait(t, deadline) {
                     Ok(a) => return Ok(a),
@@ -177,6 +185,7 @@ impl NbdSource {
                     Err(ReqError::Lost(why)) => {
                         self.pool.lost(&c, &why);
                         last = why;
+                        losses += 1;
                     }
                 }
             }
@@ -188,11 +197,15 @@ impl NbdSource {
             match self.pool.get(deadline) {
                 Ok(c) => match c.submit(cmd) {
                     Ok(t) => sent = Some((c, t)),
-                    Err(ReqError::Lost(why)) => {
+                    Err(e) => {
+                        let why = match e {
+                            ReqError::Lost(why) => why,
+                            e => format!("{e:?}"),
+                        };
                         self.pool.lost(&c, &why);
                         last = why;
+                        losses += 1;
                     }
-                    Err(e) => last = format!("{e:?}"),
                 },
                 Err(NoConn::Changed(m)) => return Err(self.err(m)),
                 Err(NoConn::Later(at, why)) => {
