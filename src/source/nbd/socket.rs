@@ -3,8 +3,11 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::source::uri::NbdServer;
 
@@ -37,9 +40,15 @@ pub fn connect(server: &NbdServer, timeout: Duration) -> Result<Stream, String> 
     let timeout = timeout.max(Duration::from_millis(1));
     let fail = |e: &io::Error| format!("cannot connect to {}: {}", describe(server), io_text(e));
     match server {
-        NbdServer::Unix(path) => UnixStream::connect(path)
-            .map(Stream::Unix)
-            .map_err(|e| fail(&e)),
+        NbdServer::Unix(path) => match connect_unix(path, timeout) {
+            Ok(s) => Ok(Stream::Unix(s)),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(format!(
+                "cannot connect to {}: no answer within {}",
+                describe(server),
+                super::secs(timeout)
+            )),
+            Err(e) => Err(fail(&e)),
+        },
         NbdServer::Tcp { host, port } => {
             let addrs = (host.as_str(), *port)
                 .to_socket_addrs()
@@ -64,6 +73,59 @@ pub fn connect(server: &NbdServer, timeout: Duration) -> Result<Stream, String> 
                 None => format!("{} has no address", describe(server)),
             })
         }
+    }
+}
+
+/// A Unix socket connect that gives up after `timeout` when the server's backlog is
+/// full (a blocking connect would wait for the server to accept, however long).
+fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeros is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path is too long or holds a NUL byte",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    loop {
+        let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                len,
+            )
+        };
+        if r == 0 {
+            let s = UnixStream::from(fd);
+            s.set_nonblocking(false)?;
+            return Ok(s);
+        }
+        let e = io::Error::last_os_error();
+        // A full backlog: EAGAIN on a non-blocking Unix socket; try again shortly.
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
     }
 }
 
@@ -117,5 +179,41 @@ impl Write for Stream {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    #[test]
+    fn unix_connect_to_a_full_backlog_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        let _l = UnixListener::bind(&p).unwrap();
+        let server = NbdServer::Unix(p.clone());
+        // Never accepted: once the backlog is full, connects time out.
+        let mut kept = Vec::new();
+        let t = Instant::now();
+        let e = loop {
+            match connect(&server, Duration::from_millis(100)) {
+                Ok(s) => kept.push(s),
+                Err(e) => break e,
+            }
+            assert!(kept.len() < 100_000, "the backlog never filled");
+        };
+        assert!(e.contains("no answer within 0.1 s"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let e = connect(
+            &NbdServer::Unix(d.path().join("none")),
+            Duration::from_secs(1),
+        )
+        .err()
+        .unwrap();
+        assert!(e.ends_with("No such file or directory"), "{e}");
+        let long = NbdServer::Unix(PathBuf::from("/".repeat(200)));
+        assert!(connect(&long, Duration::from_secs(1)).is_err());
     }
 }
