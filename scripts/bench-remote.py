@@ -120,7 +120,7 @@ def new_leaf(path, uri):
 
 def sfs_mount(mnt, leaf, *args):
     os.makedirs(mnt, exist_ok=True)
-    run(SFS, "mount", *args, mnt, f"vm={leaf}")
+    run(SFS, "mount", *args, mnt, f"vm.raw={leaf}")
     mounts.append(mnt)
 
 
@@ -244,7 +244,7 @@ def main():
         say(f"== remote backing (nbdkit file plugin + delay filter), {SIZE_MB} MiB template, "
             f"{time.strftime('%F %T')}")
         say("   latency | stream: streamfs  qsd  qemu-img convert (s) | cor 1M seq: streamfs  qsd (MiB/s)"
-            " | first 4k: streamfs  qsd (ms)")
+            " | first 4k: streamfs  qsd, both copy-on-read (ms)")
         for lat in LATS:
             srv, uri = nbdkit(dense, lat)
             # stream
@@ -275,23 +275,24 @@ def main():
             drop_caches()
             c_qsd = seq_read(q.exp)
             q.stop()
-            # first 4 KiB read on a fresh mount
-            f_sfs, f_qsd = [], []
+            # first 4 KiB read on a fresh mount, both with copy-on-read, and ours without
+            f_sfs, f_nocor, f_qsd = [], [], []
             rng = random.Random(7)
             for _ in range(9):
                 off = rng.randrange(SIZE_MB * MB // 4096) * 4096
+                for into, extra in ((f_sfs, ()), (f_nocor, ("--no-copy-on-read",))):
+                    new_leaf(leaf, uri)
+                    sfs_mount(mnt, leaf, *extra)
+                    into.append(first_read_ms(os.path.join(mnt, "vm.raw"), off))
+                    sfs_umount(mnt)
                 new_leaf(leaf, uri)
-                sfs_mount(mnt, leaf)
-                f_sfs.append(first_read_ms(os.path.join(mnt, "vm.raw"), off))
-                sfs_umount(mnt)
-                new_leaf(leaf, uri)
-                q = Qsd(work, leaf)
+                q = Qsd(work, leaf, cor=True)
                 f_qsd.append(first_read_ms(q.exp, off))
                 q.stop()
             stop(srv)
             say(f"   {lat:g} ms | {fmt(t_sfs)}  {fmt(t_qsd)}  {fmt(t_cvt)} (qsd/ours {ratio(t_qsd, t_sfs)},"
                 f" convert/ours {ratio(t_cvt, t_sfs)}) | {fmt(c_sfs, '%.0f')}  {fmt(c_qsd, '%.0f')}"
-                f" ({ratio(c_sfs, c_qsd)}) | {fmt(med(f_sfs))}  {fmt(med(f_qsd))}")
+                f" ({ratio(c_sfs, c_qsd)}) | {fmt(med(f_sfs))} ({fmt(med(f_nocor))} without cor)  {fmt(med(f_qsd))}")
         # sparse template: stream time against the dense one
         sparse = os.path.join(work, "sparse.raw")
         with open(sparse, "wb") as f:

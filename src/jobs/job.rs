@@ -22,6 +22,9 @@ use crate::{Error, Result};
 
 /// Stream workers per job.
 pub const WORKERS: usize = 2;
+/// Stream workers per job when a layer it copies from is remote: more requests in
+/// flight hide the link's latency.
+pub const REMOTE_WORKERS: usize = 4;
 /// How long `pause` and `cancel` wait for the workers to stop before failing with
 /// ETIMEDOUT (the request stays in force; the job pauses or ends when they do).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,6 +70,8 @@ pub struct Spec {
 }
 
 pub struct Job {
+    /// How many workers copy (more when copying from a remote layer).
+    workers: usize,
     pub chain: Arc<Chain>,
     pub index: usize,
     bus: Arc<Bus>,
@@ -110,7 +115,12 @@ impl Job {
             idle,
         } = spec;
         let base_label = base.map(|b| layers[b].image.path().display().to_string());
+        let remote = layers[1..base.unwrap_or(layers.len())]
+            .iter()
+            .any(|l| l.image.source().is_remote());
+        let workers = if remote { REMOTE_WORKERS } else { WORKERS };
         Job {
+            workers,
             chain,
             index,
             bus,
@@ -129,7 +139,7 @@ impl Job {
                 error: None,
                 // Counted from the start, so a pause sent before the threads run waits
                 // for them to park; a worker that fails to start is taken off.
-                live: WORKERS,
+                live: workers,
                 parked: 0,
                 next: start,
                 chunks: BTreeMap::new(),
@@ -416,7 +426,7 @@ impl Job {
             return self.finish();
         }
         let mut handles = Vec::new();
-        for w in 0..WORKERS {
+        for w in 0..self.workers {
             let j = self.clone();
             let l = layers.clone();
             match std::thread::Builder::new()
