@@ -5,7 +5,8 @@ its `delay` filter adding latency to every read, as a network would).
 
   sudo scripts/bench-remote.py            (root: FUSE mounts, drop_caches)
 
-Environment: BENCH_REMOTE_MB (1024) template size; BENCH_REMOTE_LAT ("0 1 5") added
+Environment: BENCH_REMOTE_MB (1024) template size; BENCH_REPEAT (3) stream runs each
+(median shown); BENCH_REMOTE_LAT ("0 1 5") added
 read latencies in ms; BENCH_REMOTE_SPARSE_MB (100) data in the sparse template;
 BENCH_REMOTE_FANOUT (4) mounts streaming from one qemu-nbd; BENCH_DIR (/var/tmp);
 BENCH_RESULTS (scripts/bench-results.txt); STREAMFS (target/release/streamfs).
@@ -41,6 +42,7 @@ SPARSE_MB = int(os.environ.get("BENCH_REMOTE_SPARSE_MB", "100"))
 FANOUT = int(os.environ.get("BENCH_REMOTE_FANOUT", "4"))
 RESULTS = os.environ.get("BENCH_RESULTS", os.path.join(ROOT, "scripts/bench-results.txt"))
 TIMEOUT = 900
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 
 procs = []
 mounts = []
@@ -243,27 +245,34 @@ def main():
         leaf = os.path.join(work, "leaf.qcow2")
         say(f"== remote backing (nbdkit file plugin + delay filter), {SIZE_MB} MiB template, "
             f"{time.strftime('%F %T')}")
+        say(f"   stream times are medians of {REPEAT} runs; every measurement starts with caches dropped")
         say("   latency | stream: streamfs  qsd  qemu-img convert (s) | cor 1M seq: streamfs  qsd (MiB/s)"
             " | first 4k: streamfs  qsd, both copy-on-read (ms)")
         for lat in LATS:
             srv, uri = nbdkit(dense, lat)
-            # stream
-            new_leaf(leaf, uri)
+            # stream (median of REPEAT runs each, interleaved)
             mnt = os.path.join(work, "m")
-            sfs_mount(mnt, leaf)
-            drop_caches()
-            t_sfs = sfs_stream(mnt)
-            sfs_umount(mnt)
-            new_leaf(leaf, uri)
-            q = Qsd(work, leaf)
-            drop_caches()
-            t_qsd = q.stream()
-            q.stop()
-            dst = os.path.join(work, "convert.raw")
-            t0 = time.time()
-            r = run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, dst, check=False)
-            t_cvt = time.time() - t0 if r.returncode == 0 else None
-            os.unlink(dst) if os.path.exists(dst) else None
+            runs = {"sfs": [], "qsd": [], "cvt": []}
+            for _ in range(REPEAT):
+                new_leaf(leaf, uri)
+                sfs_mount(mnt, leaf)
+                drop_caches()
+                runs["sfs"].append(sfs_stream(mnt))
+                sfs_umount(mnt)
+                new_leaf(leaf, uri)
+                q = Qsd(work, leaf)
+                drop_caches()
+                runs["qsd"].append(q.stream())
+                q.stop()
+                dst = os.path.join(work, "convert.raw")
+                drop_caches()
+                t0 = time.time()
+                r = run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, dst, check=False)
+                runs["cvt"].append(time.time() - t0 if r.returncode == 0 else None)
+                if os.path.exists(dst):
+                    os.unlink(dst)
+            t_sfs, t_qsd, t_cvt = med(runs["sfs"]), med(runs["qsd"]), med(runs["cvt"])
+            log(f"stream at {lat:g} ms: {runs}")
             # cold copy-on-read, sequential 1 MiB
             new_leaf(leaf, uri)
             sfs_mount(mnt, leaf)

@@ -223,6 +223,22 @@ fn extents(path: &Path) -> Vec<std::ops::Range<u64>> {
     data_extents_by_seek(&f, SIZE).unwrap()
 }
 
+/// The ranges `qemu-img map --output=json ARGS` reports as data.
+fn map_data(args: &[&str]) -> Vec<std::ops::Range<u64>> {
+    let mut all = vec!["map", "--output=json"];
+    all.extend_from_slice(args);
+    let v: serde_json::Value = serde_json::from_str(&qemu_img(&all)).expect("map json");
+    v.as_array()
+        .expect("a list")
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| {
+            let (o, n) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            o..o + n
+        })
+        .collect()
+}
+
 fn covered(ext: &[std::ops::Range<u64>], off: u64) -> bool {
     ext.iter().any(|r| r.contains(&off))
 }
@@ -258,6 +274,17 @@ fn holes_of_a_sparse_nbd_template_are_neither_shown_nor_copied() {
         if any {
             assert!(covered(&shown, blk), "data at {blk} shown as a hole");
         }
+    }
+    // qemu-img map of the mounted file (SEEK_DATA/SEEK_HOLE through FUSE) agrees with
+    // qemu-img map of the chain as QEMU opens it (NBD block status).
+    let of_mount = map_data(&["-f", "raw", ps(&m.file("leaf.raw"))]);
+    let of_chain = map_data(&["-U", "-f", "qcow2", ps(&leaf)]);
+    for blk in (0..SIZE).step_by(64 * KIB as usize) {
+        assert_eq!(
+            covered(&of_mount, blk),
+            covered(&of_chain, blk),
+            "qemu-img map disagrees at {blk}:\nmount {of_mount:?}\nchain {of_chain:?}"
+        );
     }
     ctl_ok(&m, "start leaf.raw");
     let done = wait_completed(&m, "leaf.raw", Duration::from_secs(60));
