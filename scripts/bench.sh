@@ -18,6 +18,7 @@
 #   BENCH_SCHED_TOTAL_MB (200), BENCH_SCHED_MAX_JOBS (8)   the many-chains run
 #   BENCH_SCHED_SCALE_GB (1024) virtual size of the sparse chain holding BENCH_SIZE_MB of data
 #   BENCH_SCHED_TIMEOUT (max(BENCH_STREAM_TIMEOUT, 2 * BENCH_SIZE_MB / 4 + 60)) per stream
+#   BENCH_SCHED_PARTS ("b10 b11 b5 fifty scale"), BENCH_SCHED_KEYS ("host disk qsd")  a subset
 #   BENCH_NO_WAIT=1        don't wait for running cargo builds before measuring
 #   BENCH_DIR     (/var/tmp) where the temp dir goes (must not be tmpfs)
 #   BENCH_RESULTS (scripts/bench-results.txt) tables are appended here
@@ -915,7 +916,10 @@ sched_lat() {
     LATR="$(lat_window "$w/slat_clat.1.log" "$(later "$fstart" 1)" "$s0") $(lat_window "$w/slat_clat.1.log" "$SS_T0" "$SS_T1") $res $kib"
 }
 
-SCHED_KEYS=(host disk qsd)
+# BENCH_SCHED_KEYS: which targets the sched section runs (default: all three)
+read -r -a SCHED_KEYS <<<"${BENCH_SCHED_KEYS:-host disk qsd}"
+# sched_part NAME: whether BENCH_SCHED_PARTS (default: all) includes b10, b11, b5, fifty or scale
+sched_part() { [[ " ${BENCH_SCHED_PARTS:-b10 b11 b5 fifty scale} " == *" $1 "* ]]; }
 sched_label() {
     case $1 in
     host) echo "streamfs --idle=host" ;;
@@ -941,6 +945,7 @@ section_sched() {
     noise_start
     log "sched: per-stream timeout ${SCHED_TIMEOUT}s"
 
+    if sched_part b10; then
     # ---- B10: neighbour guest. Chains A and B in one mount / one qsd; fio on A, stream B.
     declare -A B10
     local mnt=$w/m-nb F pid
@@ -989,6 +994,8 @@ section_sched() {
     done
     flush_table
 
+    fi
+    if sched_part b11; then
     # ---- B11: neighbour process. fio on a plain file on the same disk while a stream runs.
     declare -A B11
     mnt=$w/m-np
@@ -1030,6 +1037,8 @@ section_sched() {
     done
     flush_table
 
+    fi
+    if sched_part b5; then
     # ---- B5: own guest, SCHED_RUNS repeated runs (section_stream's latency measurement).
     declare -A B5
     mnt=$w/m-og
@@ -1075,6 +1084,8 @@ section_sched() {
     done
     flush_table
 
+    fi
+    if sched_part fifty; then
     # ---- many small chains in one mount under --total-speed / --max-jobs
     local nch=${BENCH_SCHED_CHAINS:-50} small_mb=${BENCH_SCHED_SMALL_MB:-$((SIZE_MB / 25 > 16 ? SIZE_MB / 25 : 16))}
     local tot_mb=${BENCH_SCHED_TOTAL_MB:-200} maxj=${BENCH_SCHED_MAX_JOBS:-8} i res=""
@@ -1115,6 +1126,8 @@ section_sched() {
     out "   ${M[queued]:-?} jobs seen queued, they left the queue at ${M[dequeue_polls]:-?} distinct polls (of ${M[polls]:-?}); dequeue ord = in start order (ties within a poll allowed)"
     flush_table
 
+    fi
+    if sched_part scale; then
     # ---- scale: a huge sparse chain holding SIZE_MB of scattered data vs the dense chain
     local vgb=${BENCH_SCHED_SCALE_GB:-1024}
     log "sched scale: ${vgb} GiB virtual chain with ${SIZE_MB} MiB of scattered extents (qemu-io)"
@@ -1198,6 +1211,7 @@ section_sched() {
             out "$(row "$label, $vname" "${a[0]}" "${a[1]}" "$mbs" "$(ratio "${a[1]}" "${db[1]}")" "${a[2]}" "$(ratio "${a[2]}" "${db[2]}")" "${a[3]}")"
         done
     done
+    fi
     [[ $SFS_STATE = broken ]] && out "   streamfs: n/a ($SFS_WHY)"
     local NOTE
     NOTE=$(noise_stop)

@@ -2,7 +2,8 @@
 //! itself (its st_dev in /sys/dev/block, following partitions to their disk, and
 //! device-mapper and loop devices to what they sit on), and their load is read from
 //! /proc/diskstats: sectors moved since the last sample, less what this process itself
-//! moved (/proc/self/io), as far as that can tell ours from anybody else's.
+//! moved (/proc/self/io), and what the other processes say they moved (/proc/PID/io),
+//! as far as that can tell ours from anybody else's.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -96,10 +97,30 @@ pub fn parse_self_io(text: &str) -> u64 {
         .sum()
 }
 
+/// Storage bytes every other process has moved (the sum of /proc/PID/io read_bytes +
+/// write_bytes of all processes but this one; those we may not read do not count).
+fn others_io() -> u64 {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.bytes().all(|b| b.is_ascii_digit()) && *n != me
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("io")).ok())
+        .map(|t| parse_self_io(&t))
+        .sum()
+}
+
 struct Sample {
     at: Instant,
     sectors: HashMap<String, u64>,
     own: u64,
+    /// What other processes moved in all, when sampled (`others_io`).
+    all_others: u64,
     /// Bytes per second others moved on each device over the last interval.
     others: HashMap<String, u64>,
 }
@@ -134,14 +155,25 @@ impl HostMonitor {
             };
             let sectors = parse_diskstats(&stats);
             let own = parse_self_io(&io);
+            let all_others = others_io();
             let mut others = HashMap::new();
             if let Some(prev) = last.as_ref() {
                 let secs = prev.at.elapsed().as_secs_f64().max(1e-3);
                 let own_delta = own.saturating_sub(prev.own);
+                // While we stream, our own traffic (counted when dirtied, written back
+                // later) hides theirs in the device counters; what the other processes
+                // say they moved does not. Their I/O is credited to every device of ours
+                // that moved anything: it cannot be told which disk it went to.
+                let theirs_all = all_others.saturating_sub(prev.all_others);
                 for (dev, &now) in &sectors {
                     let moved = now.saturating_sub(*prev.sectors.get(dev).unwrap_or(&now)) * 512;
                     // Our own I/O may be on any of our devices: credit it to each.
-                    let theirs = moved.saturating_sub(own_delta);
+                    let beyond_ours = moved.saturating_sub(own_delta);
+                    let theirs = if moved > 0 {
+                        beyond_ours.max(theirs_all.min(moved))
+                    } else {
+                        0
+                    };
                     others.insert(dev.clone(), (theirs as f64 / secs) as u64);
                 }
             }
@@ -149,6 +181,7 @@ impl HostMonitor {
                 at: Instant::now(),
                 sectors,
                 own,
+                all_others,
                 others,
             });
         }
@@ -162,6 +195,53 @@ impl HostMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Device-mapper cannot be set up on this kernel, so the walk runs over a sysfs tree
+    /// of the same shape: dm-0 built from a partition (sdb1 of sdb), an md array (of sdc
+    /// and sdd) and a loop device whose file lives on the host's real disk.
+    #[test]
+    fn the_walk_follows_device_mapper_md_partitions_and_loop_devices() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("devices");
+        let mk = |rel: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        };
+        let sdb1 = mk("pci0/host0/block/sdb/sdb1");
+        std::fs::write(sdb1.join("partition"), "1\n").unwrap();
+        let sdc = mk("pci0/host1/block/sdc");
+        let sdd = mk("pci0/host1/block/sdd");
+        let md0 = mk("virtual/block/md0");
+        mk("virtual/block/md0/slaves");
+        symlink(&sdc, md0.join("slaves/sdc")).unwrap();
+        symlink(&sdd, md0.join("slaves/sdd")).unwrap();
+        let loop3 = mk("virtual/block/loop3/loop");
+        let file = d.path().join("backing.img");
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::write(loop3.join("backing_file"), format!("{}\n", file.display())).unwrap();
+        let dm0 = mk("virtual/block/dm-0/slaves");
+        symlink(&sdb1, dm0.join("sdb1")).unwrap();
+        symlink(&md0, dm0.join("md0")).unwrap();
+        symlink(root.join("virtual/block/loop3"), dm0.join("loop3")).unwrap();
+        // /sys/dev/block/MAJ:MIN is a symlink to the device's directory.
+        let link = d.path().join("253:0");
+        symlink(root.join("virtual/block/dm-0"), &link).unwrap();
+        let mut got = BTreeSet::new();
+        walk(&link, &mut got, 0);
+        let mut want: BTreeSet<String> = ["dm-0", "sdb", "md0", "sdc", "sdd", "loop3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        want.extend(devices_for(&file));
+        assert_eq!(got, want);
+        // A cycle in the tree ends at the depth bound instead of recursing forever.
+        symlink(root.join("virtual/block/dm-0"), md0.join("slaves/dm-0")).unwrap();
+        let mut got = BTreeSet::new();
+        walk(&link, &mut got, 0);
+        assert!(got.contains("sdc") && got.contains("dm-0"));
+    }
 
     #[test]
     fn diskstats_and_self_io_parse() {

@@ -41,10 +41,12 @@ fn work(job: &Job, layers: &Layers) -> Result<(), String> {
         if let Some(why) = source.iter().find_map(|l| l.replaced()) {
             return Err(why);
         }
-        let guest_busy =
-            yield_to_host(job) == Waiting::Guest || job.sched.guest_recent(job.index, job.idle);
+        // Held back by anyone's I/O (a guest, or another process on the disks below):
+        // small chunks, so what goes ahead after the bounded wait is a short burst.
+        let busy =
+            yield_to_host(job) != Waiting::None || job.sched.guest_recent(job.index, job.idle);
         let cs = chain.cluster_size();
-        let max = if guest_busy { CHUNK_BUSY } else { CHUNK_IDLE };
+        let max = if busy { CHUNK_BUSY } else { CHUNK_IDLE };
         let size = job
             .throttle
             .quantum(cs, max)
