@@ -149,6 +149,14 @@ impl Chain {
         }
     }
 
+    /// Bytes of leaf metadata that only a flush can release from memory.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.layers()[0]
+            .image
+            .as_qcow2()
+            .map_or(0, |q| q.pinned_bytes())
+    }
+
     /// Flushes everything, including released refcounts (unmount).
     pub fn flush_all(&self) -> Result<()> {
         self.layers()[0].image.flush()

@@ -121,8 +121,11 @@ struct Sample {
     own: u64,
     /// What other processes moved in all, when sampled (`others_io`).
     all_others: u64,
-    /// Bytes per second others moved on each device over the last interval.
+    /// Bytes per second others moved on each device over the last interval, from the
+    /// device counters less our own I/O.
     others: HashMap<String, u64>,
+    /// The same, from what the other processes said they moved (`others_io`).
+    others_by_process: HashMap<String, u64>,
 }
 
 /// The mount's view of its host storage.
@@ -139,8 +142,11 @@ impl Default for HostMonitor {
 }
 
 impl HostMonitor {
-    /// Whether anybody else keeps any of `devices` busy right now.
-    pub fn busy(&self, devices: &BTreeSet<String>) -> bool {
+    /// Whether anybody else keeps any of `devices` busy right now. `by_process`: judge by
+    /// what the other processes say they moved, which our own traffic cannot blur, but
+    /// which cannot tell a neighbour from a local image server we are reading from;
+    /// otherwise by the device counters less our own I/O.
+    pub fn busy(&self, devices: &BTreeSet<String>, by_process: bool) -> bool {
         if devices.is_empty() {
             return false;
         }
@@ -157,24 +163,24 @@ impl HostMonitor {
             let own = parse_self_io(&io);
             let all_others = others_io();
             let mut others = HashMap::new();
+            let mut others_by_process = HashMap::new();
             if let Some(prev) = last.as_ref() {
                 let secs = prev.at.elapsed().as_secs_f64().max(1e-3);
                 let own_delta = own.saturating_sub(prev.own);
                 // While we stream, our own traffic (counted when dirtied, written back
-                // later) hides theirs in the device counters; what the other processes
-                // say they moved does not. Their I/O is credited to every device of ours
-                // that moved anything: it cannot be told which disk it went to.
+                // later) makes the device counters both hide theirs and show ghosts of
+                // ours; what the other processes say they moved does neither. Their I/O
+                // is credited to every device of ours that moved anything: it cannot be
+                // told which disk it went to.
                 let theirs_all = all_others.saturating_sub(prev.all_others);
                 for (dev, &now) in &sectors {
                     let moved = now.saturating_sub(*prev.sectors.get(dev).unwrap_or(&now)) * 512;
                     // Our own I/O may be on any of our devices: credit it to each.
                     let beyond_ours = moved.saturating_sub(own_delta);
-                    let theirs = if moved > 0 {
-                        beyond_ours.max(theirs_all.min(moved))
-                    } else {
-                        0
-                    };
-                    others.insert(dev.clone(), (theirs as f64 / secs) as u64);
+                    let by_process = theirs_all.min(moved);
+                    let rate = |b: u64| (b as f64 / secs) as u64;
+                    others.insert(dev.clone(), rate(beyond_ours));
+                    others_by_process.insert(dev.clone(), rate(by_process));
                 }
             }
             *last = Some(Sample {
@@ -183,12 +189,18 @@ impl HostMonitor {
                 own,
                 all_others,
                 others,
+                others_by_process,
             });
         }
         let s = last.as_ref().expect("sampled above");
+        let others = if by_process {
+            &s.others_by_process
+        } else {
+            &s.others
+        };
         devices
             .iter()
-            .any(|d| s.others.get(d).is_some_and(|&b| b > BUSY_BYTES_PER_SEC))
+            .any(|d| others.get(d).is_some_and(|&b| b > BUSY_BYTES_PER_SEC))
     }
 }
 

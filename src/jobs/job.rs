@@ -22,6 +22,8 @@ use crate::{Error, Result};
 
 /// Stream workers per job.
 pub const WORKERS: usize = 2;
+/// Dirty leaf L2 tables a stream lets pile up before it writes them back.
+const PINNED_LIMIT: u64 = 16 << 20;
 /// Stream workers per job when a layer it copies from is remote: more requests in
 /// flight hide the link's latency.
 pub const REMOTE_WORKERS: usize = 4;
@@ -70,6 +72,8 @@ pub struct Spec {
 }
 
 pub struct Job {
+    /// A layer the job copies from is remote.
+    remote: bool,
     /// How many workers copy (more when copying from a remote layer).
     workers: usize,
     pub chain: Arc<Chain>,
@@ -120,6 +124,7 @@ impl Job {
             .any(|l| l.image.source().is_remote());
         let workers = if remote { REMOTE_WORKERS } else { WORKERS };
         Job {
+            remote,
             workers,
             chain,
             index,
@@ -314,6 +319,11 @@ impl Job {
         Ok(())
     }
 
+    /// Whether a layer the job copies from is remote (it then runs more workers).
+    pub fn copies_from_remote(&self) -> bool {
+        self.remote
+    }
+
     // ---- what workers call ----
 
     /// Records a worker's failure: the first error is the job's, and stops the rest.
@@ -396,7 +406,10 @@ impl Job {
     pub fn maybe_checkpoint(&self) {
         {
             let mut inner = self.inner.lock();
-            if inner.last_flush.elapsed() < CHECKPOINT {
+            // Also when the leaf's dirty L2 tables pile up (a stream over scattered
+            // data dirties one per extent): they stay in memory until written back.
+            let pinned = self.chain.pinned_bytes() > PINNED_LIMIT;
+            if inner.last_flush.elapsed() < CHECKPOINT && !pinned {
                 return;
             }
             inner.last_flush = Instant::now();

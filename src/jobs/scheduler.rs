@@ -234,11 +234,15 @@ impl Scheduler {
         }
     }
 
-    /// Why a job on chain `index` with policy `idle` should not copy right now.
-    pub fn holdback(&self, index: usize, idle: Idle) -> Waiting {
+    /// Why a job on chain `index` with policy `idle` should not copy right now. A job
+    /// that copies from a remote layer judges the host by the device counters: the image
+    /// server may be a process on this host (a test, a local cache), and its reads are
+    /// the stream's own traffic, not a neighbour's. Others judge by what the other
+    /// processes say they moved.
+    pub fn holdback(&self, index: usize, idle: Idle, remote_source: bool) -> Waiting {
         if self.guests_active(index, idle, GUEST_GRACE) {
             Waiting::Guest
-        } else if idle == Idle::Host && self.host.busy(&self.devices[index]) {
+        } else if idle == Idle::Host && self.host.busy(&self.devices[index], !remote_source) {
             Waiting::Host
         } else {
             Waiting::None

@@ -41,10 +41,15 @@ fn work(job: &Job, layers: &Layers) -> Result<(), String> {
         if let Some(why) = source.iter().find_map(|l| l.replaced()) {
             return Err(why);
         }
-        // Held back by anyone's I/O (a guest, or another process on the disks below):
-        // small chunks, so what goes ahead after the bounded wait is a short burst.
-        let busy =
-            yield_to_host(job) != Waiting::None || job.sched.guest_recent(job.index, job.idle);
+        // Held back by a guest, or by another process on the disks below: small chunks,
+        // so what goes ahead after the bounded wait is a short burst. (A job reading a
+        // remote layer judges the host by the device counters, whose false alarms from
+        // our own writeback must not shrink its chunks.)
+        let busy = match yield_to_host(job) {
+            Waiting::Guest => true,
+            Waiting::Host => !job.copies_from_remote(),
+            _ => false,
+        } || job.sched.guest_recent(job.index, job.idle);
         let cs = chain.cluster_size();
         let max = if busy { CHUNK_BUSY } else { CHUNK_IDLE };
         let size = job
@@ -170,7 +175,9 @@ fn yield_to_host(job: &Job) -> Waiting {
     let began = Instant::now();
     let mut last = Waiting::None;
     loop {
-        let why = job.sched.holdback(job.index, job.idle);
+        let why = job
+            .sched
+            .holdback(job.index, job.idle, job.copies_from_remote());
         if why == Waiting::None {
             job.set_waiting(Waiting::None);
             return last;

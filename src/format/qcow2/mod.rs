@@ -47,12 +47,12 @@ use crate::source::{writable_file, LocalFile, Source};
 use crate::{Error, Result};
 
 /// Bytes of L2 tables kept in the cache (per image), and of decompressed clusters.
-const L2_CACHE_BYTES: u64 = 32 << 20;
+const L2_CACHE_BYTES: u64 = 8 << 20;
 const DECOMPRESSED_CACHE_BYTES: u64 = 16 << 20;
 /// Host offsets must fit in bits 9..=55 of an L2 entry.
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Bytes of read-only L2 tables each thread keeps at hand (see `with_l2`).
-const HINT_BYTES: u64 = 8 << 20;
+const HINT_BYTES: u64 = 2 << 20;
 /// Flush passes `flush_all` makes before it reports that metadata does not settle.
 const MAX_FLUSH_PASSES: usize = 16;
 
@@ -852,6 +852,12 @@ impl Qcow2 {
             s if s.host() != 0 => pending.push(s.host() / cs),
             _ => {}
         }
+    }
+
+    /// Bytes of L2 tables held in memory until a flush writes them back (dirty tables
+    /// cannot be evicted from the cache).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.meta.lock().pinned.len() as u64 * self.geo.cluster_size()
     }
 
     /// True when metadata changes are waiting for a flush.
