@@ -1348,8 +1348,10 @@ fn unreadable_backing_fails_the_job_then_resumes() {
     let mp = ps(m.path()).to_string();
     let n2 = name.clone();
     let waiter = thread::spawn(move || cli(&["start", &mp, &n2, "--speed", "4M", "--wait"]));
+    // `offset` is the low-water mark (everything below it is copied): the read of the
+    // first 64 KiB below must find streamed data, whichever worker finished first.
     wait_job(&m, &name, Duration::from_secs(20), "copying", |l| {
-        state(l) == "running" && num(l, "copied") > 0
+        state(l) == "running" && num(l, "offset") >= 64 * KIB
     });
     OpenOptions::new()
         .write(true)

@@ -14,6 +14,9 @@ use crate::fault;
 /// Never less than one cluster: the unit is `max(cluster, ...)`.
 const CHUNK_IDLE: u64 = 8 << 20;
 const CHUNK_BUSY: u64 = 256 << 10;
+/// Chunk size while another process keeps the disks busy: each chunk is a burst of disk
+/// time its requests queue behind.
+const CHUNK_HOST: u64 = 64 << 10;
 /// Largest piece copied per rate-limit admission while a speed limit is set.
 const PIECE_THROTTLED: u64 = 1 << 20;
 /// Stream work never waits for an idle moment longer than this in a row.
@@ -45,13 +48,15 @@ fn work(job: &Job, layers: &Layers) -> Result<(), String> {
         // so what goes ahead after the bounded wait is a short burst. (A job reading a
         // remote layer judges the host by the device counters, whose false alarms from
         // our own writeback must not shrink its chunks.)
-        let busy = match yield_to_host(job) {
-            Waiting::Guest => true,
-            Waiting::Host => !job.copies_from_remote(),
-            _ => false,
-        } || job.sched.guest_recent(job.index, job.idle);
+        let held = yield_to_host(job);
+        let max = if held == Waiting::Host && !job.copies_from_remote() {
+            CHUNK_HOST
+        } else if held == Waiting::Guest || job.sched.guest_recent(job.index, job.idle) {
+            CHUNK_BUSY
+        } else {
+            CHUNK_IDLE
+        };
         let cs = chain.cluster_size();
-        let max = if busy { CHUNK_BUSY } else { CHUNK_IDLE };
         let size = job
             .throttle
             .quantum(cs, max)
