@@ -723,8 +723,11 @@ impl Scripted {
 impl Drop for Scripted {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A scripted server that panicked would make the client's errors meaningless.
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() && !std::thread::panicking() {
+                panic!("the scripted HTTP server panicked");
+            }
         }
     }
 }

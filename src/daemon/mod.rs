@@ -297,18 +297,28 @@ fn serve(
         }
     }
     let (bus, errs) = (jobs.bus().clone(), io_errors.clone());
-    let _ = std::thread::Builder::new()
-        .name("io-errors".into())
-        .spawn(move || errs.run_flusher(&bus));
     let jobs_for_checkpoints = jobs.clone();
-    let _ = std::thread::Builder::new()
-        .name("checkpoint".into())
-        .spawn(move || checkpoints(&jobs_for_checkpoints));
     let mp = mountpoint.to_path_buf();
     let jobs_for_signals = jobs.clone();
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || wait_for_signal(sigset, &mp, &jobs_for_signals));
+    // Without them the mount would run without periodic write-back or clean shutdown on
+    // signals: a thread that cannot start fails the mount (the session unmounts on drop).
+    let started = spawn("io-errors", move || errs.run_flusher(&bus))
+        .and_then(|_| spawn("checkpoint", move || checkpoints(&jobs_for_checkpoints)))
+        .and_then(|_| {
+            spawn("signals", move || {
+                wait_for_signal(sigset, &mp, &jobs_for_signals)
+            })
+        });
+    if let Err(msg) = started {
+        match ready {
+            Some(mut r) => {
+                let _ = r.write_all(msg.as_bytes());
+            }
+            None => eprintln!("streamfs: {msg}"),
+        }
+        jobs.shutdown();
+        return 1;
+    }
     if let Some(mut r) = ready {
         let _ = r.write_all(b"ok");
         drop(r);
@@ -327,6 +337,15 @@ fn serve(
     // Leaves were flushed in `destroy`; let others at the images before we are gone.
     crate::format::lock::release_all();
     code
+}
+
+/// Starts a daemon thread that runs for the life of the mount.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::result::Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| format!("starting the {name} thread: {e}"))
 }
 
 /// Writes dirty leaf metadata back every few seconds: guest writes that were never

@@ -191,7 +191,12 @@ impl Conn {
         }
         self.kill("disconnected");
         if let Some(h) = self.reader.lock().take() {
-            let _ = h.join();
+            if h.join().is_err() {
+                log::error!(
+                    "NBD connection to {}: the reply reader panicked",
+                    self.label
+                );
+            }
         }
     }
 }
@@ -209,20 +214,36 @@ fn reader_loop(
     meta_id: Option<u32>,
     label: String,
 ) {
-    let why = loop {
-        match read_one(&mut r, &sh, structured, meta_id) {
+    // A panic (logged by the panic hook) must not leave the connection looking alive
+    // with nobody reading its replies: it dies like any other fault, and every waiter is
+    // told at once.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_until_fault(&mut r, &sh, structured, meta_id, &label)
+    }));
+    sh.die(run.unwrap_or_else(|_| format!("the reply reader for {label} panicked")));
+}
+
+/// Reads replies until the connection fails; returns why it did.
+fn read_until_fault(
+    r: &mut Stream,
+    sh: &Shared,
+    structured: bool,
+    meta_id: Option<u32>,
+    label: &str,
+) -> String {
+    loop {
+        match read_one(r, sh, structured, meta_id) {
             Ok(()) => {}
             Err(Fault::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break format!("{label} closed the connection");
+                return format!("{label} closed the connection");
             }
-            Err(Fault::Io(e)) => break format!("reading from {label}: {}", io_text(&e)),
+            Err(Fault::Io(e)) => return format!("reading from {label}: {}", io_text(&e)),
             Err(Fault::Protocol(m)) => {
                 log::warn!("NBD server {label} broke the protocol: {m}; dropping the connection");
-                break format!("{label} broke the protocol: {m}");
+                return format!("{label} broke the protocol: {m}");
             }
         }
-    };
-    sh.die(why);
+    }
 }
 
 /// Reads one reply message and applies it to the request it answers.

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::proto;
@@ -27,6 +27,16 @@ pub struct Fake {
     pub addr: NbdAddr,
     _dir: tempfile::TempDir,
     pub connections: Arc<AtomicUsize>,
+    /// A session panicked (a broken script): the test's verdict would mean nothing.
+    panicked: Arc<AtomicBool>,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        if self.panicked.load(Ordering::SeqCst) && !std::thread::panicking() {
+            panic!("a session of the fake NBD server panicked");
+        }
+    }
 }
 
 /// Serves an export of `size` bytes (structured replies and base:allocation as id 1
@@ -39,13 +49,21 @@ pub fn serve(structured: bool, size: u64, respond: Box<Respond>) -> Fake {
     let connections = Arc::new(AtomicUsize::new(0));
     let count = Arc::new(AtomicUsize::new(0));
     let conns = connections.clone();
+    let panicked = Arc::new(AtomicBool::new(false));
+    let flag = panicked.clone();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
             conns.fetch_add(1, Ordering::SeqCst);
-            let (respond, count) = (respond.clone(), count.clone());
+            let (respond, count, flag) = (respond.clone(), count.clone(), flag.clone());
             std::thread::spawn(move || {
-                let _ = session(s, structured, size, &*respond, &count);
+                // An I/O error is the client hanging up; only a panic is a fault.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    session(s, structured, size, &*respond, &count)
+                }));
+                if run.is_err() {
+                    flag.store(true, Ordering::SeqCst);
+                }
             });
         }
     });
@@ -57,6 +75,7 @@ pub fn serve(structured: bool, size: u64, respond: Box<Respond>) -> Fake {
         },
         _dir: dir,
         connections,
+        panicked,
     }
 }
 

@@ -133,6 +133,8 @@ impl Pool {
             && std::thread::Builder::new()
                 .name("nbd-connect".into())
                 .spawn(move || {
+                    // A failure stays in the slot (Down, with its reason and retry
+                    // time) for the next request to see.
                     let _ = pool.reopen(i, Instant::now() + pool.io_timeout);
                     pool.opening[i].store(false, Ordering::Release);
                 })
