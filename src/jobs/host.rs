@@ -128,6 +128,65 @@ struct Sample {
     others_by_process: HashMap<String, u64>,
 }
 
+/// The raw counters of one sample.
+struct Counters {
+    at: Instant,
+    sectors: HashMap<String, u64>,
+    own: u64,
+    all_others: u64,
+}
+
+impl Counters {
+    fn read() -> Option<Counters> {
+        let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+        let io = std::fs::read_to_string("/proc/self/io").ok()?;
+        Some(Counters {
+            at: Instant::now(),
+            sectors: parse_diskstats(&stats),
+            own: parse_self_io(&io),
+            all_others: others_io(),
+        })
+    }
+}
+
+impl Sample {
+    /// The sample after `prev`: what others moved on each device in between.
+    fn next(prev: Option<&Sample>, c: Counters) -> Sample {
+        let mut others = HashMap::new();
+        let mut others_by_process = HashMap::new();
+        if let Some(prev) = prev {
+            let secs =
+                c.at.saturating_duration_since(prev.at)
+                    .as_secs_f64()
+                    .max(1e-3);
+            let own_delta = c.own.saturating_sub(prev.own);
+            // While we stream, our own traffic (counted when dirtied, written back
+            // later) makes the device counters both hide theirs and show ghosts of
+            // ours; what the other processes say they moved does neither. Their I/O
+            // is credited to every device of ours that moved anything: it cannot be
+            // told which disk it went to.
+            let theirs_all = c.all_others.saturating_sub(prev.all_others);
+            for (dev, &now) in &c.sectors {
+                let moved = now.saturating_sub(*prev.sectors.get(dev).unwrap_or(&now)) * 512;
+                // Our own I/O may be on any of our devices: credit it to each.
+                let beyond_ours = moved.saturating_sub(own_delta);
+                let by_process = theirs_all.min(moved);
+                let rate = |b: u64| (b as f64 / secs) as u64;
+                others.insert(dev.clone(), rate(beyond_ours));
+                others_by_process.insert(dev.clone(), rate(by_process));
+            }
+        }
+        Sample {
+            at: c.at,
+            sectors: c.sectors,
+            own: c.own,
+            all_others: c.all_others,
+            others,
+            others_by_process,
+        }
+    }
+}
+
 /// The mount's view of its host storage.
 pub struct HostMonitor {
     last: Mutex<Option<Sample>>,
@@ -150,49 +209,22 @@ impl HostMonitor {
         if devices.is_empty() {
             return false;
         }
-        let mut last = self.last.lock();
-        let stale = last.as_ref().is_none_or(|s| s.at.elapsed() >= SAMPLE);
-        if stale {
-            let (Ok(stats), Ok(io)) = (
-                std::fs::read_to_string("/proc/diskstats"),
-                std::fs::read_to_string("/proc/self/io"),
-            ) else {
+        let stale = |last: &Option<Sample>| last.as_ref().is_none_or(|s| s.at.elapsed() >= SAMPLE);
+        if stale(&self.last.lock()) {
+            // Read without the lock (others_io walks every process); of two workers
+            // sampling at once, the second's reading is dropped.
+            let Some(c) = Counters::read() else {
                 return false;
             };
-            let sectors = parse_diskstats(&stats);
-            let own = parse_self_io(&io);
-            let all_others = others_io();
-            let mut others = HashMap::new();
-            let mut others_by_process = HashMap::new();
-            if let Some(prev) = last.as_ref() {
-                let secs = prev.at.elapsed().as_secs_f64().max(1e-3);
-                let own_delta = own.saturating_sub(prev.own);
-                // While we stream, our own traffic (counted when dirtied, written back
-                // later) makes the device counters both hide theirs and show ghosts of
-                // ours; what the other processes say they moved does neither. Their I/O
-                // is credited to every device of ours that moved anything: it cannot be
-                // told which disk it went to.
-                let theirs_all = all_others.saturating_sub(prev.all_others);
-                for (dev, &now) in &sectors {
-                    let moved = now.saturating_sub(*prev.sectors.get(dev).unwrap_or(&now)) * 512;
-                    // Our own I/O may be on any of our devices: credit it to each.
-                    let beyond_ours = moved.saturating_sub(own_delta);
-                    let by_process = theirs_all.min(moved);
-                    let rate = |b: u64| (b as f64 / secs) as u64;
-                    others.insert(dev.clone(), rate(beyond_ours));
-                    others_by_process.insert(dev.clone(), rate(by_process));
-                }
+            let mut last = self.last.lock();
+            if stale(&last) {
+                *last = Some(Sample::next(last.as_ref(), c));
             }
-            *last = Some(Sample {
-                at: Instant::now(),
-                sectors,
-                own,
-                all_others,
-                others,
-                others_by_process,
-            });
         }
-        let s = last.as_ref().expect("sampled above");
+        let last = self.last.lock();
+        let Some(s) = last.as_ref() else {
+            return false;
+        };
         let others = if by_process {
             &s.others_by_process
         } else {
@@ -253,6 +285,27 @@ mod tests {
         let mut got = BTreeSet::new();
         walk(&link, &mut got, 0);
         assert!(got.contains("sdc") && got.contains("dm-0"));
+    }
+
+    /// Our own stream's traffic hides a neighbour in the device counters; what the other
+    /// processes report still shows it, and only on devices that moved at all.
+    #[test]
+    fn others_are_seen_through_our_own_traffic() {
+        let t0 = Instant::now();
+        let counters = |at: Instant, vda: u64, vdb: u64, own: u64, others: u64| Counters {
+            at,
+            sectors: [("vda".to_string(), vda), ("vdb".to_string(), vdb)].into(),
+            own,
+            all_others: others,
+        };
+        let first = Sample::next(None, counters(t0, 0, 0, 0, 0));
+        assert!(first.others.is_empty());
+        // In 100 ms: vda moved 64 MiB, of which we claim 64 MiB; others say 4 MiB.
+        let t1 = t0 + Duration::from_millis(100);
+        let next = Sample::next(Some(&first), counters(t1, 131072, 0, 64 << 20, 4 << 20));
+        assert_eq!(next.others["vda"], 0, "hidden in the device counters");
+        assert_eq!(next.others_by_process["vda"], 40 << 20, "4 MiB in 0.1 s");
+        assert_eq!(next.others_by_process["vdb"], 0, "vdb did not move");
     }
 
     #[test]
