@@ -559,6 +559,7 @@ fn server_errors_and_slow_answers_become_eio_without_touching_the_leaf() {
     f.read_exact_at(&mut buf, 4 * MIB)
         .expect("read before the fault");
     fs::write(s.join("armed"), b"").unwrap();
+    let before = job(&m, "leaf.raw");
     let t = Instant::now();
     let e = f.read_exact_at(&mut buf, 5 * MIB).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
@@ -566,6 +567,15 @@ fn server_errors_and_slow_answers_become_eio_without_touching_the_leaf() {
         t.elapsed() < Duration::from_secs(4),
         "an error answer is not an outage: {:?}",
         t.elapsed()
+    );
+    // The failed copy-on-read allocated nothing in the leaf.
+    let after = job(&m, "leaf.raw");
+    assert_eq!(
+        (num(&after, "leaf"), num(&after, "alloc")),
+        (num(&before, "leaf"), num(&before, "alloc")),
+        "{} -> {}",
+        before.raw,
+        after.raw
     );
     ctl_ok(&m, "start leaf.raw");
     let l = wait_end(&m, "leaf.raw", Duration::from_secs(30));
